@@ -1,0 +1,192 @@
+"""Command line: ``signing-proxy run | demo | check | login``.
+
+Turns arguments into a validated ``Config`` and hands it to the server. A bad
+configuration is reported (every problem, one a line) and exits with status 2
+before anything listens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from .config import Config, ConfigError, load_config, parse_config
+
+EXIT_CONFIG = 2
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # aiohttp's own access and server logs would duplicate ours (and print full URLs).
+    logging.getLogger("aiohttp").setLevel(max(logging.WARNING, logging.getLogger().level))
+    # botocore at debug prints request bodies, which carry passwords and tokens.
+    logging.getLogger("botocore").setLevel(logging.WARNING)
+    logging.getLogger("urllib3").setLevel(logging.WARNING)
+
+
+def quick_config(args: argparse.Namespace) -> dict[str, Any]:
+    """A config from ``run --upstream URL ...`` flags."""
+    route: dict[str, Any] = {"path_prefix": "/", "upstream": args.upstream, "service": args.service}
+    data: dict[str, Any] = {"routes": [route]}
+    if args.region:
+        route["region"] = args.region
+    if args.profile:
+        data["credentials"] = {"profile": {"type": "profile", "profile": args.profile}}
+        route["credentials"] = "profile"
+    return data
+
+
+def load(args: argparse.Namespace) -> Config:
+    if getattr(args, "config", None):
+        config = load_config(args.config)
+    elif getattr(args, "upstream", None):
+        config = parse_config(quick_config(args))
+    else:
+        raise ConfigError("give --config FILE, or --upstream URL for a quick start")
+    overrides: dict[str, Any] = {}
+    if getattr(args, "listen", None):
+        overrides["listen"] = args.listen
+    if getattr(args, "log_level", None):
+        overrides["log_level"] = args.log_level
+    if overrides:
+        config = parse_config({**config.model_dump(mode="json", exclude_unset=True), **overrides})
+    return config
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .server import ProxyServer, serve_forever
+
+    config = load(args)
+    setup_logging(config.log_level)
+    asyncio.run(serve_forever(ProxyServer(config)))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from .demo import banner, demo_config, emulator_app, free_port
+    from .server import ProxyServer, serve_forever
+
+    async def main() -> None:
+        runner = web.AppRunner(emulator_app(), access_log=None)
+        await runner.setup()
+        emulator_port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", emulator_port).start()
+        emulator_url = f"http://127.0.0.1:{emulator_port}"
+        server = ProxyServer(parse_config(demo_config(args.listen, emulator_url)))
+        try:
+            await serve_forever(server, on_ready=banner(server.url, emulator_url))
+        finally:
+            await runner.cleanup()
+
+    setup_logging(args.log_level or "info")
+    try:
+        asyncio.run(main())
+    except OSError as error:
+        print(f"signing-proxy demo: cannot listen on {args.listen}: {error.strerror}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _when(expires_at: float | None) -> str:
+    if expires_at is None:
+        return "does not expire"
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expires_at))
+    return f"expires {stamp} (in {int(expires_at - time.time()) // 60} min)"
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Validate the file and try every credentials entry a route uses; print no secret."""
+    from .credentials import CredentialsUnavailable, build_providers
+
+    config = load(args)
+    setup_logging("error")
+    providers = build_providers(config)
+    print(f"config OK: listen {config.listen[0]}:{config.listen[1]}, {len(config.routes)} route(s)")
+    for route in config.routes:
+        print(f"  route {route.path_prefix} -> {route.upstream} [{route.auth}, {route.service}, "
+              f"{route.resolved_region or '-'}] credentials: {route.credentials if route.auth != 'none' else '-'}")
+
+    async def probe(name: str) -> str:
+        provider = providers[name]
+        try:
+            if provider.tokens is not None:
+                await asyncio.wait_for(provider.user_pool_tokens(), 30)
+            if provider.credentials is not None:
+                await asyncio.wait_for(provider.aws_credentials(), 30)
+        except CredentialsUnavailable as error:
+            return f"  {name} ({provider.kind}): UNAVAILABLE: {error} [{error.reason}]"
+        except TimeoutError:
+            return f"  {name} ({provider.kind}): UNAVAILABLE: no answer within 30 s [timeout]"
+        status = provider.status()
+        identity = ", ".join(
+            part for part in (status.get("identity"), status.get("access_key") and f"key {status['access_key']}") if part
+        )
+        return f"  {name} ({provider.kind}): OK {identity}; {_when(status.get('expires_at'))}"
+
+    async def probe_all() -> list[str]:
+        used = sorted({r.credentials for r in config.routes if r.auth != "none"})
+        return list(await asyncio.gather(*(probe(name) for name in used)))
+
+    lines = asyncio.run(probe_all())
+    print("credentials:")
+    print("\n".join(lines) if lines else "  (no route needs credentials)")
+    return 1 if any("UNAVAILABLE" in line for line in lines) else 0
+
+
+def cmd_login(args: argparse.Namespace) -> int:
+    from .login import login_main
+
+    setup_logging("warning")
+    return login_main(args.config, args.credentials)
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="signing-proxy", description="A local SigV4 signing reverse proxy.")
+    commands = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run the proxy from a config file or a quick-start upstream")
+    run.add_argument("--config", help="YAML configuration file")
+    run.add_argument("--upstream", help="quick start: the upstream URL (one route for every path)")
+    run.add_argument("--listen", help="HOST:PORT or PORT (default 127.0.0.1:8080)")
+    run.add_argument("--region", help="quick start: the signing region (default: read from the host)")
+    run.add_argument("--service", default="execute-api", help="quick start: the signing service")
+    run.add_argument("--profile", help="quick start: the AWS profile to sign with")
+    run.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    run.set_defaults(handler=cmd_run)
+
+    demo = commands.add_parser("demo", help="the proxy in front of an embedded API Gateway emulator")
+    demo.add_argument("--listen", default="127.0.0.1:8080", help="HOST:PORT or PORT (default 127.0.0.1:8080)")
+    demo.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    demo.set_defaults(handler=cmd_demo)
+
+    check = commands.add_parser("check", help="validate a config and try its credentials")
+    check.add_argument("--config", required=True)
+    check.set_defaults(handler=cmd_check)
+
+    login = commands.add_parser("login", help="log a Cognito user in interactively and cache the refresh token")
+    login.add_argument("--config", required=True)
+    login.add_argument("--credentials", required=True, help="the name of a cognito entry under credentials:")
+    login.set_defaults(handler=cmd_login)
+    return root
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except ConfigError as error:
+        print(f"signing-proxy: configuration error:\n{error}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,373 @@
+"""Configuration: read YAML once, expand ``${VAR}``, validate into frozen objects.
+
+Everything after start-up trusts these objects; nothing re-validates. Errors
+are collected by pydantic (which names the key and says what it expected) and
+turned into one ``ConfigError`` whose message lists every problem, one a line.
+pydantic is used because writing a validator that reports *every* bad key
+with its path is exactly the code we would otherwise get wrong.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from .signing import normalize_path
+
+
+class ConfigError(Exception):
+    """The configuration is unusable; the message says which key and why."""
+
+
+# ---------------------------------------------------------------- value types
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
+
+
+def expand_env(value: Any, where: str = "") -> Any:
+    """Replace ``${VAR}`` / ``${VAR:-default}`` in every string of a YAML tree."""
+    if isinstance(value, dict):
+        return {k: expand_env(v, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand_env(v, f"{where}.{i}") for i, v in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+
+    def substitute(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in os.environ and (os.environ[name] or default is None):
+            return os.environ[name]
+        if default is not None:
+            return default
+        raise ConfigError(f"{where}: environment variable {name} is not set (use ${{{name}:-default}} for a default)")
+
+    return _ENV_REF.sub(substitute, value)
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(value: Any) -> float:
+    """``30s``, ``1.5m``, ``250ms``, ``2h`` or a plain number of seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 30s, 5m or 250ms")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(str(value))
+        if not match:
+            raise ValueError(f"expected a duration such as 30s, 5m or 250ms, got {value!r}")
+        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    if seconds <= 0:
+        raise ValueError("expected a duration greater than zero")
+    return seconds
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|KiB|MB|MiB|GB|GiB)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"b": 1, "kb": 1000, "kib": 1024, "mb": 1000**2, "mib": 1024**2, "gb": 1000**3, "gib": 1024**3}
+
+
+def parse_size(value: Any) -> int:
+    """``10MiB``, ``512KB``, ``1GiB`` or a plain number of bytes."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 10MiB or 512KB")
+    if isinstance(value, int):
+        size = value
+    else:
+        match = _SIZE.match(str(value))
+        if not match:
+            raise ValueError(f"expected a size such as 10MiB or 512KB, got {value!r}")
+        size = int(float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "b").lower()])
+    if size < 0:
+        raise ValueError("expected a size of zero or more")
+    return size
+
+
+def parse_listen(value: Any) -> tuple[str, int]:
+    """``HOST:PORT``, ``[v6]:PORT`` or a bare port (host 127.0.0.1)."""
+    text = str(value).strip()
+    host, port_text = "127.0.0.1", text
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port_text = rest.lstrip(":")
+    elif ":" in text:
+        host, _, port_text = text.rpartition(":")
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"expected HOST:PORT or a port number, got {value!r}")
+    return host or "127.0.0.1", int(port_text)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+Size = Annotated[int, BeforeValidator(parse_size)]
+Listen = Annotated[tuple[str, int], BeforeValidator(parse_listen)]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
+
+
+# ---------------------------------------------------------------- credentials
+
+
+class _SourceBase(_Frozen):
+    endpoint_url: str | None = None  # STS / Cognito endpoint override (VPC endpoints, emulators)
+
+
+class DefaultChainSource(_SourceBase):
+    type: Literal["default"]
+
+
+class ProfileSource(_SourceBase):
+    type: Literal["profile"]
+    profile: str
+
+
+class StaticSource(_SourceBase):
+    type: Literal["static"]
+    access_key_id: str = Field(min_length=1)
+    secret_access_key: str = Field(min_length=1, repr=False)
+    session_token: str | None = Field(default=None, repr=False)
+
+
+class AssumeRoleSource(_SourceBase):
+    type: Literal["assume_role"]
+    role_arn: str = Field(pattern=r"^arn:[^:]+:iam::\d{12}:role/.+")
+    source: str = "default"
+    external_id: str | None = Field(default=None, repr=False)
+    session_name: str = "signing-proxy"
+    duration_seconds: int = Field(default=3600, ge=900, le=43200)
+    region: str | None = None
+
+
+class CognitoSource(_SourceBase):
+    type: Literal["cognito"]
+    region: str | None = None  # default: read from user_pool_id
+    user_pool_id: str = Field(pattern=r"^[a-z]{2}(-[a-z]+)+-\d+_\w+$")
+    client_id: str = Field(min_length=1)
+    client_secret: str | None = Field(default=None, repr=False)
+    username: str = Field(min_length=1)
+    password: str | None = Field(default=None, repr=False)
+    auth_flow: Literal["USER_SRP_AUTH", "USER_PASSWORD_AUTH"] = "USER_SRP_AUTH"
+    identity_pool_id: str | None = None
+    custom_role_arn: str | None = None
+    token_cache: str | None = None  # file for the refresh token `signing-proxy login` stores
+
+    @property
+    def pool_region(self) -> str:
+        return self.region or self.user_pool_id.split("_", 1)[0]
+
+
+class CognitoGuestSource(_SourceBase):
+    type: Literal["cognito_guest"]
+    region: str | None = None  # default: read from identity_pool_id
+    identity_pool_id: str = Field(pattern=r"^[a-z]{2}(-[a-z]+)+-\d+:.+$")
+
+    @property
+    def pool_region(self) -> str:
+        return self.region or self.identity_pool_id.split(":", 1)[0]
+
+
+SourceConfig = Annotated[
+    Union[
+        DefaultChainSource,
+        ProfileSource,
+        StaticSource,
+        AssumeRoleSource,
+        CognitoSource,
+        CognitoGuestSource,
+    ],
+    Field(discriminator="type"),
+]
+
+# ---------------------------------------------------------------- routes
+
+_AWS_HOST = re.compile(
+    r"\.(?:execute-api|lambda-url|es|aoss|sts|[a-z0-9-]+)\.([a-z]{2}(?:-gov)?-[a-z]+-\d)\.(?:on\.)?(?:amazonaws\.com|aws)$"
+)
+
+
+def region_from_host(host: str) -> str | None:
+    """The region in an AWS host name (``abc.execute-api.eu-west-1.amazonaws.com``)."""
+    match = _AWS_HOST.search(host)
+    return match.group(1) if match else None
+
+
+class Route(_Frozen):
+    path_prefix: str = "/"
+    upstream: str
+    region: str | None = None
+    service: str = "execute-api"
+    credentials: str = "default"
+    auth: Literal["sigv4", "cognito_id_token", "cognito_access_token", "none"] = "sigv4"
+    api_key: str | None = Field(default=None, repr=False)
+    timeout: Duration = 30.0  # default for each phase below
+    connect_timeout: Duration | None = None
+    first_byte_timeout: Duration | None = None
+    idle_timeout: Duration | None = None
+    websocket_signing: Literal["headers", "query"] = "headers"
+
+    @field_validator("path_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError("expected a path starting with /")
+        return normalize_path(value).rstrip("/") or "/"
+
+    @field_validator("upstream")
+    @classmethod
+    def _upstream(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"expected an http:// or https:// URL, got {value!r}")
+        if parts.query or parts.fragment:
+            raise ValueError("expected a URL without query or fragment")
+        return value
+
+    @model_validator(mode="after")
+    def _region(self) -> Route:
+        if self.auth == "sigv4" and not self.resolved_region:
+            raise ValueError(
+                f"region: cannot be read from the host {self.upstream_host!r}; set region explicitly"
+            )
+        return self
+
+    @property
+    def upstream_scheme(self) -> str:
+        return urlsplit(self.upstream).scheme
+
+    @property
+    def upstream_host(self) -> str:
+        """``host[:port]`` as sent in Host (default ports omitted)."""
+        parts = urlsplit(self.upstream)
+        default_port = 443 if parts.scheme == "https" else 80
+        host = parts.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"
+        return host if parts.port in (None, default_port) else f"{host}:{parts.port}"
+
+    @property
+    def upstream_path(self) -> str:
+        path = urlsplit(self.upstream).path
+        return normalize_path(path).rstrip("/") if path not in ("", "/") else ""
+
+    @property
+    def resolved_region(self) -> str | None:
+        return self.region or region_from_host(urlsplit(self.upstream).hostname or "")
+
+
+# ---------------------------------------------------------------- whole file
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class Config(_Frozen):
+    listen: Listen = ("127.0.0.1", 8080)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    max_body: Size = 10 * 1024 * 1024
+    credentials: dict[str, SourceConfig] = Field(default_factory=dict)
+    routes: tuple[Route, ...]
+
+    @field_validator("routes")
+    @classmethod
+    def _some_routes(cls, routes: tuple[Route, ...]) -> tuple[Route, ...]:
+        if not routes:
+            raise ValueError("expected at least one route")
+        return routes
+
+    @model_validator(mode="after")
+    def _references(self) -> Config:
+        names = set(self.credentials) | {"default"}
+        for index, route in enumerate(self.routes):
+            if route.credentials not in names:
+                raise ValueError(
+                    f"routes.{index}.credentials: unknown credentials {route.credentials!r}; "
+                    f"expected one of {sorted(names)}"
+                )
+            if route.auth.startswith("cognito_") and not isinstance(
+                self.credentials.get(route.credentials), CognitoSource
+            ):
+                raise ValueError(f"routes.{index}.auth: {route.auth} needs credentials of type cognito")
+        for name, source in self.credentials.items():
+            if isinstance(source, AssumeRoleSource):
+                self._check_chain(name, source, names)
+        prefixes = [r.path_prefix for r in self.routes]
+        for prefix in prefixes:
+            if prefixes.count(prefix) > 1:
+                raise ValueError(f"routes: path_prefix {prefix!r} appears more than once")
+        return self
+
+    def _check_chain(self, name: str, source: AssumeRoleSource, names: set[str]) -> None:
+        seen = [name]
+        current: Any = source
+        while isinstance(current, AssumeRoleSource):
+            if current.source not in names:
+                raise ValueError(f"credentials.{seen[-1]}.source: unknown credentials {current.source!r}")
+            if current.source in seen:
+                raise ValueError(f"credentials.{name}.source: cycle {' -> '.join([*seen, current.source])}")
+            seen.append(current.source)
+            current = self.credentials.get(current.source)
+
+    def source(self, name: str) -> SourceConfig:
+        return self.credentials.get(name) or DefaultChainSource(type="default")
+
+
+def _format_errors(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors(include_input=False, include_url=False):
+        loc = list(item["loc"])
+        if len(loc) > 2 and loc[0] == "credentials":
+            del loc[2]  # the discriminator tag pydantic inserts
+        where = ".".join(str(part) for part in loc)
+        message = item["msg"].removeprefix("Value error, ")
+        lines.append(f"{where}: {message}" if where and not message.startswith(where) else message)
+    return "\n".join(lines)
+
+
+def parse_config(data: Any) -> Config:
+    """Validate a YAML tree (already loaded) into a ``Config``; raise ``ConfigError``."""
+    if not isinstance(data, dict):
+        raise ConfigError("the configuration must be a mapping of keys (listen, routes, ...)")
+    try:
+        return Config.model_validate(expand_env(data))
+    except ValidationError as error:
+        raise ConfigError(_format_errors(error)) from None
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a YAML file; every failure is a ``ConfigError`` naming the problem."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError(f"cannot read {path}: {error.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(error, 'problem', error)}") from None
+    return parse_config(data)

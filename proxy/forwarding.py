@@ -1,0 +1,308 @@
+"""Forwarding: the HTTP handler that signs a request, sends it upstream and streams the answer.
+
+The request body is read (and hashed) before anything goes upstream, because
+SigV4 signs the payload hash and ``max_body`` must be enforced first. The
+response is never collected: each chunk is written to the client as it
+arrives, so memory stays flat and server-sent events flow one by one.
+
+What goes upstream is the client's request minus hop-by-hop headers and the
+headers we own (Host, Authorization, X-Amz-Date, X-Amz-Security-Token,
+X-Amz-Content-Sha256), plus our signature. Nothing else is added: the client
+session is set up to invent no User-Agent, Accept, Accept-Encoding or
+Content-Type.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from . import signing
+from .config import Config, Route
+from .credentials import CredentialsUnavailable, Provider
+from .routing import Match, Router
+
+log = logging.getLogger("signing_proxy.forwarding")
+access_log = logging.getLogger("signing_proxy.access")
+
+# RFC 9110 7.6.1 (plus Proxy-Authorization, which is addressed to us, never upstream).
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "proxy-connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-authorization",
+        "proxy-authenticate",
+    }
+)
+# Set by us from what we actually send; whatever the client had is dropped.
+OWNED_REQUEST_HEADERS = frozenset(
+    {"host", "authorization", "x-amz-date", "x-amz-security-token", "x-amz-content-sha256", "content-length", "expect"}
+)
+# aiohttp's client would otherwise add these on its own.
+NO_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+CHUNK_SIZE = 64 * 1024
+
+
+def error_response(status: int, message: str, reason: str, **headers: str) -> web.Response:
+    """The JSON body every proxy-made error carries: what happened and what to do."""
+    body = json.dumps({"message": message, "reason": reason}).encode()
+    return web.Response(status=status, body=body, content_type="application/json", headers=headers)
+
+
+def connection_tokens(headers: Any) -> set[str]:
+    """Header names listed in ``Connection`` (they are hop-by-hop too)."""
+    tokens: set[str] = set()
+    for value in headers.getall("Connection", ()):
+        tokens.update(t.strip().lower() for t in value.split(",") if t.strip())
+    return tokens
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+async def read_body(request: web.Request, max_body: int) -> tuple[bytes, str]:
+    """The whole request body and its SHA-256, refusing more than ``max_body`` bytes."""
+    if request.content_length is not None and request.content_length > max_body:
+        raise BodyTooLarge
+    if not request.body_exists:
+        return b"", signing.EMPTY_SHA256
+    digest = hashlib.sha256()
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > max_body:
+            raise BodyTooLarge
+        digest.update(chunk)
+        parts.append(chunk)
+    return b"".join(parts), digest.hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    connect: float
+    first_byte: float
+    idle: float
+
+    @classmethod
+    def of(cls, route: Route) -> Timeouts:
+        return cls(
+            route.connect_timeout or min(route.timeout, 10.0),
+            route.first_byte_timeout or route.timeout,
+            route.idle_timeout or max(route.timeout, 300.0),
+        )
+
+
+class Forwarder:
+    """The aiohttp handler for every proxied request."""
+
+    def __init__(self, config: Config, providers: dict[str, Provider], session: aiohttp.ClientSession) -> None:
+        self.config = config
+        self.router = Router(config.routes)
+        self.providers = providers
+        self.session = session
+        self.clock_offset = 0.0  # seconds to add to our clock when signing (skew correction)
+
+    # ------------------------------------------------------------ request side
+
+    def upstream_headers(self, request: web.Request, route: Route) -> CIMultiDict[str]:
+        """The client's headers minus hop-by-hop and the ones we own; repeats kept."""
+        drop = HOP_BY_HOP | OWNED_REQUEST_HEADERS | connection_tokens(request.headers)
+        headers: CIMultiDict[str] = CIMultiDict()
+        for name, value in request.headers.items():
+            if name.lower() not in drop:
+                headers.add(name, value)
+        headers["Host"] = route.upstream_host
+        if route.api_key:
+            headers["x-api-key"] = route.api_key
+        return headers
+
+    async def authorize(
+        self, request_method: str, match: Match, query: signing.Query, headers: CIMultiDict[str], payload_sha256: str
+    ) -> None:
+        """Add the route's authentication to ``headers`` (SigV4, a Cognito token, or nothing)."""
+        route = match.route
+        if route.auth == "none":
+            return
+        provider = self.providers[route.credentials]
+        if route.auth != "sigv4":
+            tokens = await provider.user_pool_tokens()
+            headers["Authorization"] = tokens.id_token if route.auth == "cognito_id_token" else tokens.access_token
+            return
+        credentials = await provider.aws_credentials()
+        amz_date = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() + self.clock_offset))
+        headers["X-Amz-Date"] = amz_date
+        headers["X-Amz-Content-Sha256"] = payload_sha256
+        if credentials.session_token:
+            headers["X-Amz-Security-Token"] = credentials.session_token
+        signed = [(name, headers.getone(name)) for name in SIGNED_HEADERS if name in headers]
+        if "Content-Type" in headers:
+            signed += [("Content-Type", value) for value in headers.getall("Content-Type")]
+        signature = signing.sign(
+            signing.SigningRequest(request_method, match.upstream_path, query.canonical, tuple(signed), payload_sha256),
+            access_key_id=credentials.access_key_id,
+            secret_access_key=credentials.secret_access_key,
+            amz_date=amz_date,
+            region=route.resolved_region or "",
+            service=route.service,
+        )
+        headers["Authorization"] = signature.authorization
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "signed %s %s with %s\n--- canonical request ---\n%s\n--- string to sign ---\n%s",
+                request_method,
+                match.upstream_path,
+                credentials.key_prefix,
+                redact_canonical(signature.canonical_request),
+                signature.string_to_sign,
+            )
+
+    # ------------------------------------------------------------ the handler
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        started = time.monotonic()
+        raw_path, _, raw_query = request.raw_path.partition("?")
+        wire_path = signing.normalize_path(raw_path)
+        match = self.router.match(wire_path)
+        if match is None:
+            return error_response(
+                404, f"no route matches {wire_path}; add a route whose path_prefix covers it", "no_route"
+            )
+        route = match.route
+        response: web.StreamResponse | None = None
+        try:
+            response = await self._forward(request, match, raw_query)
+            return response
+        finally:
+            status = response.status if response is not None else 499
+            access_log.info(
+                "%s %s %s -> %s %.1fms",
+                route.path_prefix,
+                request.method,
+                wire_path,
+                status,
+                (time.monotonic() - started) * 1000,
+            )
+
+    async def _forward(self, request: web.Request, match: Match, raw_query: str) -> web.StreamResponse:
+        route = match.route
+        try:
+            body, payload_sha256 = await read_body(request, self.config.max_body)
+        except BodyTooLarge:
+            response = error_response(
+                413,
+                f"request body is larger than max_body ({self.config.max_body} bytes); raise max_body to send it",
+                "body_too_large",
+            )
+            response.force_close()  # the rest of the body is not read
+            return response
+        query = signing.normalize_query(raw_query)
+        headers = self.upstream_headers(request, route)
+        try:
+            await self.authorize(request.method, match, query, headers, payload_sha256)
+        except CredentialsUnavailable as error:
+            return error_response(
+                503, f"credentials {route.credentials!r} are unavailable: {error}", error.reason, **{"Retry-After": "5"}
+            )
+        url = URL(
+            f"{route.upstream_scheme}://{route.upstream_host}{match.upstream_path}" + (f"?{query.wire}" if query.wire else ""),
+            encoded=True,
+        )
+        return await self._exchange(request, route, url, headers, body)
+
+    async def _exchange(
+        self, request: web.Request, route: Route, url: URL, headers: CIMultiDict[str], body: bytes
+    ) -> web.StreamResponse:
+        timeouts = Timeouts.of(route)
+        try:
+            async with asyncio.timeout(timeouts.connect + timeouts.first_byte):
+                upstream = await self.session.request(
+                    request.method,
+                    url,
+                    headers=headers,
+                    data=body if (body or request.body_exists) else None,
+                    allow_redirects=False,
+                    timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeouts.connect, sock_read=None),
+                )
+        except TimeoutError:
+            return error_response(
+                504,
+                f"{url.host} did not answer within {timeouts.connect + timeouts.first_byte:g}s; "
+                "raise the route's timeout if it is slow",
+                "upstream_timeout",
+            )
+        except aiohttp.ClientConnectorError as error:
+            return error_response(
+                502, f"cannot connect to {url.host}:{url.port}: {error.strerror or error}", "upstream_unreachable"
+            )
+        except aiohttp.ServerDisconnectedError:
+            return error_response(502, f"{url.host} closed the connection without answering", "upstream_disconnected")
+        except aiohttp.ClientResponseError as error:
+            return error_response(502, f"{url.host} sent a malformed response: {error.message}", "upstream_bad_response")
+        except aiohttp.ClientError as error:
+            return error_response(502, f"error talking to {url.host}: {type(error).__name__}", "upstream_error")
+        try:
+            return await self._relay(request, upstream, timeouts)
+        finally:
+            upstream.close()  # never back to the pool half-read
+
+    async def _relay(
+        self, request: web.Request, upstream: aiohttp.ClientResponse, timeouts: Timeouts
+    ) -> web.StreamResponse:
+        """Stream the upstream response to the client as it arrives."""
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        drop = HOP_BY_HOP | connection_tokens(upstream.headers)
+        for name, value in upstream.headers.items():
+            if name.lower() not in drop:
+                response.headers.add(name, value)
+        await response.prepare(request)
+        content = upstream.content
+        try:
+            while True:
+                async with asyncio.timeout(timeouts.idle):
+                    chunk = await content.readany()
+                if not chunk:
+                    break
+                await response.write(chunk)
+        except (aiohttp.ClientError, TimeoutError) as error:
+            # The body is cut short: abort the client connection so it cannot
+            # mistake what it got for the whole body.
+            log.warning("upstream body cut short (%s); aborting the client connection", type(error).__name__)
+            abort(request)
+            return response
+        await response.write_eof()
+        return response
+
+
+SIGNED_HEADERS = ("Host", "X-Amz-Date", "X-Amz-Content-Sha256", "X-Amz-Security-Token")
+
+
+def abort(request: web.Request) -> None:
+    """Close the client connection at once, without ending the response properly."""
+    transport = request.transport
+    if transport is not None:
+        transport.abort()
+
+
+def redact_canonical(canonical_request: str) -> str:
+    """The canonical request with the session token value hidden (it is a secret)."""
+    lines = canonical_request.split("\n")
+    return "\n".join(
+        "x-amz-security-token:<redacted>" if line.startswith("x-amz-security-token:") else line for line in lines
+    )

@@ -1,0 +1,232 @@
+"""SigV4 signing as pure functions: no I/O, no clock, no credentials lookup.
+
+The proxy never trusts the client's encoding of the path and query. It turns
+them into one normal form (``normalize_path``, ``normalize_query``) and puts
+*those bytes* on the wire, so the canonical request it signs is exactly the
+one AWS rebuilds from the request it receives:
+
+* every path segment and query key/value is percent-decoded to bytes and
+  re-encoded with only the RFC 3986 unreserved characters left bare, hex in
+  upper case (``%7e`` becomes ``~``, ``:`` becomes ``%3A``, raw UTF-8 becomes
+  ``%E2%82%AC``); an encoded slash stays ``%2F`` inside its segment;
+* ``+`` in a query is a literal plus (RFC 3986), sent as ``%2B``;
+* dot segments and empty segments (``//``) are removed, as AWS does when it
+  normalises the canonical URI; a trailing slash is kept.
+
+The canonical URI is then the wire path encoded once more (every service but
+S3 double-encodes), and the canonical query is the wire pairs sorted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import lru_cache
+
+ALGORITHM = "AWS4-HMAC-SHA256"
+EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+
+_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.~")
+_HEX = b"0123456789ABCDEF"
+_HEXDIGITS = frozenset(b"0123456789abcdefABCDEF")
+# One entry per byte value: the byte itself when unreserved, else its %XX form.
+_ENCODED_BYTE = tuple(
+    chr(b) if b in _UNRESERVED else "%" + chr(_HEX[b >> 4]) + chr(_HEX[b & 15]) for b in range(256)
+)
+
+
+def uri_encode(raw: bytes) -> str:
+    """Percent-encode every byte that is not RFC 3986 unreserved (upper-case hex)."""
+    return "".join([_ENCODED_BYTE[b] for b in raw])
+
+
+def percent_decode(text: str) -> bytes:
+    """Decode ``%XX`` escapes to bytes; a ``%`` not followed by two hex digits stays literal.
+
+    ``+`` is left alone: in a URI it is a plus, not a space.
+    """
+    raw = text.encode("utf-8", "surrogateescape")
+    if b"%" not in raw:
+        return raw
+    out = bytearray()
+    i, n = 0, len(raw)
+    while i < n:
+        b = raw[i]
+        if b == 0x25 and i + 2 < n and raw[i + 1] in _HEXDIGITS and raw[i + 2] in _HEXDIGITS:
+            out.append(int(raw[i + 1 : i + 3], 16))
+            i += 3
+        else:
+            out.append(b)
+            i += 1
+    return bytes(out)
+
+
+def _normalize_segment(segment: str) -> str:
+    if segment.isascii() and segment.replace("-", "").replace("_", "").replace(".", "").replace("~", "").isalnum():
+        return segment
+    return uri_encode(percent_decode(segment))
+
+
+def remove_dot_segments(raw_path: str) -> str:
+    """RFC 3986 dot-segment removal plus empty-segment removal, on a still-encoded path."""
+    segments: list[str] = []
+    for segment in raw_path.split("/"):
+        if segment in ("", "."):
+            continue
+        if segment == "..":
+            if segments:
+                segments.pop()
+            continue
+        segments.append(segment)
+    path = "/" + "/".join(segments)
+    return path + "/" if segments and raw_path.endswith("/") else path
+
+
+
+def normalize_path(raw_path: str) -> str:
+    """The wire form of a client's raw (still encoded) path; see the module docstring."""
+    # Segments are re-encoded first, so "%2E%2E" counts as ".." just as a server reads it.
+    return remove_dot_segments("/".join(_normalize_segment(segment) for segment in raw_path.split("/")))
+
+
+def join_paths(base: str, tail: str) -> str:
+    """Append a normalized ``tail`` path to a normalized ``base`` path (an upstream's path)."""
+    if tail in ("", "/"):
+        return base if tail == "" or base.endswith("/") else base + "/"
+    return base.rstrip("/") + tail
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """A query string in wire form and in canonical (sorted) form."""
+
+    wire: str
+    canonical: str
+
+
+def normalize_query(raw_query: str) -> Query:
+    """Re-encode each key and value of a raw query; keep the client's order on the wire.
+
+    Empty pairs (``a=1&&b``) are dropped; a key without ``=`` stays bare on the
+    wire and counts as an empty value in the canonical form, as AWS reads it.
+    """
+    if not raw_query:
+        return Query("", "")
+    wire_parts: list[str] = []
+    canonical_pairs: list[tuple[str, str]] = []
+    for part in raw_query.split("&"):
+        if not part:
+            continue
+        key, sep, value = part.partition("=")
+        encoded_key = uri_encode(percent_decode(key))
+        encoded_value = uri_encode(percent_decode(value))
+        wire_parts.append(f"{encoded_key}={encoded_value}" if sep else encoded_key)
+        canonical_pairs.append((encoded_key, encoded_value))
+    canonical_pairs.sort()
+    return Query("&".join(wire_parts), "&".join(f"{k}={v}" for k, v in canonical_pairs))
+
+
+def canonical_uri(wire_path: str) -> str:
+    """The canonical URI of a normalized wire path: encoded a second time."""
+    return wire_path.replace("%", "%25")
+
+
+def canonical_headers(headers: Iterable[tuple[str, str]]) -> tuple[str, str]:
+    """``(canonical_headers, signed_headers)`` for the given (name, value) pairs.
+
+    Names are lower-cased, values trimmed with inner runs of spaces folded,
+    repeated headers joined with commas in the order they came.
+    """
+    merged: dict[str, list[str]] = {}
+    for name, value in headers:
+        merged.setdefault(name.lower(), []).append(" ".join(value.split()))
+    names = sorted(merged)
+    lines = "".join(f"{name}:{','.join(merged[name])}\n" for name in names)
+    return lines, ";".join(names)
+
+
+@dataclass(frozen=True, slots=True)
+class SigningRequest:
+    """Everything that goes into a signature, already in wire form."""
+
+    method: str
+    wire_path: str
+    canonical_query: str
+    headers: tuple[tuple[str, str], ...]  # the headers to sign, host and x-amz-* included
+    payload_sha256: str
+
+
+def canonical_request(req: SigningRequest) -> tuple[str, str]:
+    """``(canonical_request, signed_headers)``."""
+    header_lines, signed_headers = canonical_headers(req.headers)
+    text = "\n".join(
+        (
+            req.method,
+            canonical_uri(req.wire_path),
+            req.canonical_query,
+            header_lines,
+            signed_headers,
+            req.payload_sha256,
+        )
+    )
+    return text, signed_headers
+
+
+def credential_scope(datestamp: str, region: str, service: str) -> str:
+    return f"{datestamp}/{region}/{service}/aws4_request"
+
+
+def string_to_sign(amz_date: str, scope: str, canonical: str) -> str:
+    digest = hashlib.sha256(canonical.encode("utf-8", "surrogateescape")).hexdigest()
+    return f"{ALGORITHM}\n{amz_date}\n{scope}\n{digest}"
+
+
+@lru_cache(maxsize=64)
+def signing_key(secret_access_key: str, datestamp: str, region: str, service: str) -> bytes:
+    """The derived key; cached because it changes once a day per secret, region and service."""
+    key = hmac.new(("AWS4" + secret_access_key).encode(), datestamp.encode(), hashlib.sha256).digest()
+    for part in (region, service, "aws4_request"):
+        key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+    return key
+
+
+@dataclass(frozen=True, slots=True)
+class Signature:
+    """A computed signature and what it was computed from (for debug logs and tests)."""
+
+    authorization: str
+    canonical_request: str
+    string_to_sign: str
+
+
+def sign(
+    req: SigningRequest,
+    *,
+    access_key_id: str,
+    secret_access_key: str,
+    amz_date: str,
+    region: str,
+    service: str,
+) -> Signature:
+    """Sign ``req``; ``amz_date`` is ``YYYYMMDDTHHMMSSZ`` and must equal its X-Amz-Date header."""
+    canonical, signed_headers = canonical_request(req)
+    scope = credential_scope(amz_date[:8], region, service)
+    to_sign = string_to_sign(amz_date, scope, canonical)
+    key = signing_key(secret_access_key, amz_date[:8], region, service)
+    signature = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
+    authorization = (
+        f"{ALGORITHM} Credential={access_key_id}/{scope}, SignedHeaders={signed_headers}, Signature={signature}"
+    )
+    return Signature(authorization, canonical, to_sign)
+
+
+def receiver_canonical_uri(raw_path: str) -> str:
+    """The canonical URI a SigV4 *receiver* computes from a raw path as it arrived.
+
+    Used by the demo's API Gateway emulator: normalize, then encode every byte
+    but unreserved characters and ``/`` once more, as AWS does.
+    """
+    normalized = remove_dot_segments(raw_path).encode("utf-8", "surrogateescape")
+    return "/".join(uri_encode(part) for part in normalized.split(b"/"))
