@@ -114,8 +114,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     providers = build_providers(config)
     print(f"config OK: listen {config.listen[0]}:{config.listen[1]}, {len(config.routes)} route(s)")
     for route in config.routes:
-        print(f"  route {route.path_prefix} -> {route.upstream} [{route.auth}, {route.service}, "
-              f"{route.resolved_region or '-'}] credentials: {route.credentials if route.auth != 'none' else '-'}")
+        print(
+            f"  route {route.path_prefix} -> {route.upstream} [{route.auth}, {route.service}, "
+            f"{route.resolved_region or '-'}] credentials: {route.credentials if route.auth != 'none' else '-'}"
+        )
 
     async def probe(name: str) -> str:
         provider = providers[name]
@@ -130,7 +132,9 @@ def cmd_check(args: argparse.Namespace) -> int:
             return f"  {name} ({provider.kind}): UNAVAILABLE: no answer within 30 s [timeout]"
         status = provider.status()
         identity = ", ".join(
-            part for part in (status.get("identity"), status.get("access_key") and f"key {status['access_key']}") if part
+            part
+            for part in (status.get("identity"), status.get("access_key") and f"key {status['access_key']}")
+            if part
         )
         return f"  {name} ({provider.kind}): OK {identity}; {_when(status.get('expires_at'))}"
 

@@ -13,7 +13,7 @@ import ipaddress
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
@@ -193,14 +193,7 @@ class CognitoGuestSource(_SourceBase):
 
 
 SourceConfig = Annotated[
-    Union[
-        DefaultChainSource,
-        ProfileSource,
-        StaticSource,
-        AssumeRoleSource,
-        CognitoSource,
-        CognitoGuestSource,
-    ],
+    DefaultChainSource | ProfileSource | StaticSource | AssumeRoleSource | CognitoSource | CognitoGuestSource,
     Field(discriminator="type"),
 ]
 
@@ -251,9 +244,7 @@ class Route(_Frozen):
     @model_validator(mode="after")
     def _region(self) -> Route:
         if self.auth == "sigv4" and not self.resolved_region:
-            raise ValueError(
-                f"region: cannot be read from the host {self.upstream_host!r}; set region explicitly"
-            )
+            raise ValueError(f"region: cannot be read from the host {self.upstream_host!r}; set region explicitly")
         return self
 
     @property

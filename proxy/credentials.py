@@ -191,7 +191,8 @@ class Refreshing(Generic[T]):
         except Exception as error:  # a bug or an unexpected botocore error: never leak its text
             log.exception("credentials %s: unexpected error while refreshing", self.name)
             unavailable = CredentialsUnavailable(
-                f"unexpected {type(error).__name__} while obtaining credentials {self.name!r}", "internal_error"
+                f"unexpected {type(error).__name__} while obtaining credentials {self.name!r}",
+                "internal_error",
             )
             self._record_failure(unavailable)
             raise unavailable from None

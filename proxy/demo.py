@@ -134,7 +134,12 @@ def demo_config(listen: str, emulator_url: str) -> dict[str, Any]:
             }
         },
         "routes": [
-            {"path_prefix": "/", "upstream": emulator_url + DEMO_STAGE, "region": DEMO_REGION, "credentials": "demo"}
+            {
+                "path_prefix": "/",
+                "upstream": emulator_url + DEMO_STAGE,
+                "region": DEMO_REGION,
+                "credentials": "demo",
+            }
         ],
     }
 

@@ -51,7 +51,15 @@ HOP_BY_HOP = frozenset(
 )
 # Set by us from what we actually send; whatever the client had is dropped.
 OWNED_REQUEST_HEADERS = frozenset(
-    {"host", "authorization", "x-amz-date", "x-amz-security-token", "x-amz-content-sha256", "content-length", "expect"}
+    {
+        "host",
+        "authorization",
+        "x-amz-date",
+        "x-amz-security-token",
+        "x-amz-content-sha256",
+        "content-length",
+        "expect",
+    }
 )
 # aiohttp's client would otherwise add these on its own.
 NO_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
@@ -70,6 +78,30 @@ def connection_tokens(headers: Any) -> set[str]:
     for value in headers.getall("Connection", ()):
         tokens.update(t.strip().lower() for t in value.split(",") if t.strip())
     return tokens
+
+
+def too_large_response(max_body: int) -> web.Response:
+    """413, closing the connection: the rest of the body is never read."""
+    response = error_response(
+        413, f"request body is larger than max_body ({max_body} bytes); raise max_body to send it", "body_too_large"
+    )
+    response.force_close()
+    return response
+
+
+class RelayedResponse(web.StreamResponse):
+    """A response that carries only the upstream's headers.
+
+    aiohttp fills in Server and a default Content-Type when they are missing;
+    a relay must not invent them. (Date is added when missing, as RFC 9110
+    asks of anything that forwards a response.)
+    """
+
+    async def _prepare_headers(self) -> None:
+        invented = [name for name in ("Server", "Content-Type") if name not in self.headers]
+        await super()._prepare_headers()
+        for name in invented:
+            self.headers.popall(name, None)
 
 
 class BodyTooLarge(Exception):
@@ -134,7 +166,12 @@ class Forwarder:
         return headers
 
     async def authorize(
-        self, request_method: str, match: Match, query: signing.Query, headers: CIMultiDict[str], payload_sha256: str
+        self,
+        request_method: str,
+        match: Match,
+        query: signing.Query,
+        headers: CIMultiDict[str],
+        payload_sha256: str,
     ) -> None:
         """Add the route's authentication to ``headers`` (SigV4, a Cognito token, or nothing)."""
         route = match.route
@@ -187,7 +224,12 @@ class Forwarder:
         route = match.route
         response: web.StreamResponse | None = None
         try:
-            response = await self._forward(request, match, raw_query)
+            if request.headers.get("Upgrade", "").lower() == "websocket":
+                from .websocket import relay_websocket
+
+                response = await relay_websocket(self, request, match, raw_query)
+            else:
+                response = await self._forward(request, match, raw_query)
             return response
         finally:
             status = response.status if response is not None else 499
@@ -205,23 +247,21 @@ class Forwarder:
         try:
             body, payload_sha256 = await read_body(request, self.config.max_body)
         except BodyTooLarge:
-            response = error_response(
-                413,
-                f"request body is larger than max_body ({self.config.max_body} bytes); raise max_body to send it",
-                "body_too_large",
-            )
-            response.force_close()  # the rest of the body is not read
-            return response
+            return too_large_response(self.config.max_body)
         query = signing.normalize_query(raw_query)
         headers = self.upstream_headers(request, route)
         try:
             await self.authorize(request.method, match, query, headers, payload_sha256)
         except CredentialsUnavailable as error:
             return error_response(
-                503, f"credentials {route.credentials!r} are unavailable: {error}", error.reason, **{"Retry-After": "5"}
+                503,
+                f"credentials {route.credentials!r} are unavailable: {error}",
+                error.reason,
+                **{"Retry-After": "5"},
             )
         url = URL(
-            f"{route.upstream_scheme}://{route.upstream_host}{match.upstream_path}" + (f"?{query.wire}" if query.wire else ""),
+            f"{route.upstream_scheme}://{route.upstream_host}{match.upstream_path}"
+            + (f"?{query.wire}" if query.wire else ""),
             encoded=True,
         )
         return await self._exchange(request, route, url, headers, body)
@@ -249,12 +289,16 @@ class Forwarder:
             )
         except aiohttp.ClientConnectorError as error:
             return error_response(
-                502, f"cannot connect to {url.host}:{url.port}: {error.strerror or error}", "upstream_unreachable"
+                502,
+                f"cannot connect to {url.host}:{url.port}: {error.strerror or error}",
+                "upstream_unreachable",
             )
         except aiohttp.ServerDisconnectedError:
             return error_response(502, f"{url.host} closed the connection without answering", "upstream_disconnected")
         except aiohttp.ClientResponseError as error:
-            return error_response(502, f"{url.host} sent a malformed response: {error.message}", "upstream_bad_response")
+            return error_response(
+                502, f"{url.host} sent a malformed response: {error.message}", "upstream_bad_response"
+            )
         except aiohttp.ClientError as error:
             return error_response(502, f"error talking to {url.host}: {type(error).__name__}", "upstream_error")
         try:
@@ -266,7 +310,7 @@ class Forwarder:
         self, request: web.Request, upstream: aiohttp.ClientResponse, timeouts: Timeouts
     ) -> web.StreamResponse:
         """Stream the upstream response to the client as it arrives."""
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        response = RelayedResponse(status=upstream.status, reason=upstream.reason)
         drop = HOP_BY_HOP | connection_tokens(upstream.headers)
         for name, value in upstream.headers.items():
             if name.lower() not in drop:

@@ -12,7 +12,7 @@ from aiohttp import web
 
 from .config import Config, is_loopback
 from .credentials import CredentialsUnavailable, Provider, build_providers
-from .forwarding import NO_AUTO_HEADERS, Forwarder, error_response
+from .forwarding import NO_AUTO_HEADERS, Forwarder, error_response, too_large_response
 
 log = logging.getLogger("signing_proxy")
 
@@ -60,13 +60,7 @@ class ProxyServer:
         if expect != "100-continue":
             return error_response(417, f"unsupported Expect value {expect!r}", "expectation_failed")
         if request.content_length is not None and request.content_length > self.config.max_body:
-            response = error_response(
-                413,
-                f"request body is larger than max_body ({self.config.max_body} bytes); raise max_body to send it",
-                "body_too_large",
-            )
-            response.force_close()
-            return response
+            return too_large_response(self.config.max_body)
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         return None
 

@@ -32,9 +32,7 @@ _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz01
 _HEX = b"0123456789ABCDEF"
 _HEXDIGITS = frozenset(b"0123456789abcdefABCDEF")
 # One entry per byte value: the byte itself when unreserved, else its %XX form.
-_ENCODED_BYTE = tuple(
-    chr(b) if b in _UNRESERVED else "%" + chr(_HEX[b >> 4]) + chr(_HEX[b & 15]) for b in range(256)
-)
+_ENCODED_BYTE = tuple(chr(b) if b in _UNRESERVED else "%" + chr(_HEX[b >> 4]) + chr(_HEX[b & 15]) for b in range(256))
 
 
 def uri_encode(raw: bytes) -> str:
@@ -82,7 +80,6 @@ def remove_dot_segments(raw_path: str) -> str:
         segments.append(segment)
     path = "/" + "/".join(segments)
     return path + "/" if segments and raw_path.endswith("/") else path
-
 
 
 def normalize_path(raw_path: str) -> str:
