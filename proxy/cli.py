@@ -110,7 +110,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from .credentials import CredentialsUnavailable, build_providers
 
     config = load(args)
-    setup_logging("error")
+    setup_logging("critical")  # every failure is printed below, once
     providers = build_providers(config)
     print(f"config OK: listen {config.listen[0]}:{config.listen[1]}, {len(config.routes)} route(s)")
     for route in config.routes:

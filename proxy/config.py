@@ -273,7 +273,6 @@ class Route(_Frozen):
 
 # ---------------------------------------------------------------- whole file
 
-LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 class Config(_Frozen):
