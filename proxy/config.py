@@ -274,7 +274,6 @@ class Route(_Frozen):
 # ---------------------------------------------------------------- whole file
 
 
-
 class Config(_Frozen):
     listen: Listen = ("127.0.0.1", 8080)
     log_level: Literal["debug", "info", "warning", "error"] = "info"

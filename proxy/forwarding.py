@@ -214,7 +214,12 @@ class Forwarder:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.monotonic()
-        raw_path, _, raw_query = request.raw_path.partition("?")
+        target = request_target(request.raw_path)
+        if target is None:
+            return error_response(
+                400, "the request target must be a path in UTF-8 (percent-encode other bytes)", "bad_request_target"
+            )
+        raw_path, _, raw_query = target.partition("?")
         wire_path = signing.normalize_path(raw_path)
         match = self.router.match(wire_path)
         if match is None:
@@ -335,6 +340,25 @@ class Forwarder:
 
 
 SIGNED_HEADERS = ("Host", "X-Amz-Date", "X-Amz-Content-Sha256", "X-Amz-Security-Token")
+
+
+def request_target(raw_target: str) -> str | None:
+    """The origin-form path and query of a request target, or None when there is none or it is not UTF-8.
+
+    Absolute-form targets (``GET http://host/path``, what clients configured
+    with ``HTTP_PROXY`` send) are reduced to their path; a fragment is dropped.
+    """
+    target = raw_target.partition("#")[0]
+    if not target.startswith("/"):
+        scheme, sep, rest = target.partition("://")
+        if not sep or not scheme.isalpha():
+            return None  # "*" (OPTIONS *) or garbage: nothing to forward
+        target = "/" + rest.partition("/")[2]
+    try:
+        target.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates: bytes that were not UTF-8
+        return None
+    return target
 
 
 def abort(request: web.Request) -> None:

@@ -17,6 +17,19 @@ from .forwarding import NO_AUTO_HEADERS, Forwarder, error_response, too_large_re
 log = logging.getLogger("signing_proxy")
 
 
+def accept_raw_utf8_in_request_lines() -> None:
+    """Parse requests with aiohttp's Python HTTP parser instead of its C (llhttp) one.
+
+    curl sends non-ASCII query characters raw (``?q=café``), and llhttp refuses
+    such a request line with 400 before the proxy sees it. The Python parser
+    keeps the bytes, and ``forwarding`` percent-encodes them (or answers 400 when
+    they are not UTF-8). aiohttp has no option for this, hence the swap.
+    """
+    from aiohttp import http_parser, web_protocol
+
+    web_protocol.HttpRequestParser = http_parser.HttpRequestParserPy  # type: ignore[misc]
+
+
 def client_session() -> aiohttp.ClientSession:
     """The upstream client: pooled keep-alive, no cookie jar, no decompression, no invented headers."""
     connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True)
@@ -65,6 +78,7 @@ class ProxyServer:
         return None
 
     async def start(self) -> None:
+        accept_raw_utf8_in_request_lines()
         app = self.make_app()
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await self._runner.setup()

@@ -169,8 +169,14 @@ def test_example_config_is_valid_and_documents_every_key() -> None:
     example = ROOT / "config.example.yaml"
     cfg.load_config(example)
     text = example.read_text()
-    models = [cfg.Config, cfg.Route, *[m for m in vars(cfg).values() if isinstance(m, type) and m.__name__.endswith("Source")]]
+    models = [
+        cfg.Config,
+        cfg.Route,
+        *[m for m in vars(cfg).values() if isinstance(m, type) and m.__name__.endswith("Source")],
+    ]
     for model in models:
         for key in model.model_fields:
-            assert re.search(rf"^\s*#?\s*(- )?{key}:", text, re.M), f"{model.__name__}.{key} is not in config.example.yaml"
+            assert re.search(rf"^\s*#?\s*(- )?{key}:", text, re.M), (
+                f"{model.__name__}.{key} is not in config.example.yaml"
+            )
     assert yaml.safe_load(text)

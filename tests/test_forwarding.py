@@ -396,3 +396,15 @@ async def test_no_response_header_is_invented(start_proxy) -> None:
         response = await raw_request(proxy.url, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert response.body == b"abc"
     assert {k.lower() for k, _ in response.headers} == {"content-length", "x-only", "date", "connection"}
+
+
+async def test_raw_utf8_is_encoded_and_invalid_utf8_is_400(sigv4_upstream, start_proxy) -> None:
+    proxy = await start_proxy(static_route(sigv4_upstream.url))
+    ok = await raw_request(
+        proxy.url, "GET /caf\u00e9?q=\u20ac HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+    )
+    assert ok.status == 200
+    assert sigv4_upstream.received[-1].raw_path == "/caf%C3%A9?q=%E2%82%AC"
+    bad = await raw_request(proxy.url, b"GET /caf\xe9?q=\xff HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert bad.status == 400 and json.loads(bad.body)["reason"] == "bad_request_target"
+    assert len(sigv4_upstream.received) == 1
