@@ -9,28 +9,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
 from .config import Config, ConfigError, load_config, parse_config
+from .logs import setup_logging
 
 EXIT_CONFIG = 2
-
-
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # aiohttp's own access and server logs would duplicate ours (and print full URLs).
-    logging.getLogger("aiohttp").setLevel(max(logging.WARNING, logging.getLogger().level))
-    # botocore at debug prints request bodies, which carry passwords and tokens.
-    logging.getLogger("botocore").setLevel(logging.WARNING)
-    logging.getLogger("urllib3").setLevel(logging.WARNING)
 
 
 def quick_config(args: argparse.Namespace) -> dict[str, Any]:
@@ -66,8 +53,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .server import ProxyServer, serve_forever
 
     config = load(args)
-    setup_logging(config.log_level)
-    asyncio.run(serve_forever(ProxyServer(config)))
+    setup_logging(config.log_level, config.log_format)
+    asyncio.run(serve_forever(ProxyServer(config), reload=(lambda: load(args)) if args.config else None))
     return 0
 
 
@@ -148,6 +135,32 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 1 if any("UNAVAILABLE" in line for line in lines) else 0
 
 
+def cmd_health(args: argparse.Namespace) -> int:
+    """Exit 0 when the admin health URL answers 200: a HEALTHCHECK that needs no curl."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(args.url, timeout=args.timeout) as response:  # noqa: S310 - a local URL
+            return 0 if response.status == 200 else 1
+    except OSError as error:
+        print(f"signing-proxy health: {args.url}: {error}", file=sys.stderr)
+        return 1
+
+
+def cmd_emulator(args: argparse.Namespace) -> int:
+    """Only the demo's API Gateway emulator, e.g. as the upstream of the compose example."""
+    from aiohttp import web
+
+    from .config import parse_listen
+    from .demo import emulator_app
+
+    setup_logging(args.log_level or "info")
+    host, port = parse_listen(args.listen)
+    print(f"API Gateway emulator (checks SigV4 with the demo credentials) on http://{host}:{port}/prod", flush=True)
+    web.run_app(emulator_app(), host=host, port=port, print=None, access_log=None)
+    return 0
+
+
 def cmd_login(args: argparse.Namespace) -> int:
     from .login import login_main
 
@@ -177,6 +190,16 @@ def parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="validate a config and try its credentials")
     check.add_argument("--config", required=True)
     check.set_defaults(handler=cmd_check)
+
+    health = commands.add_parser("health", help="exit 0 when the admin /healthz answers (for HEALTHCHECK)")
+    health.add_argument("--url", default="http://127.0.0.1:9901/healthz")
+    health.add_argument("--timeout", type=float, default=3.0)
+    health.set_defaults(handler=cmd_health)
+
+    emulator = commands.add_parser("emulator", help="only the demo's API Gateway emulator")
+    emulator.add_argument("--listen", default="127.0.0.1:9000", help="HOST:PORT or PORT (default 127.0.0.1:9000)")
+    emulator.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    emulator.set_defaults(handler=cmd_emulator)
 
     login = commands.add_parser("login", help="log a Cognito user in interactively and cache the refresh token")
     login.add_argument("--config", required=True)

@@ -276,8 +276,12 @@ class Route(_Frozen):
 
 class Config(_Frozen):
     listen: Listen = ("127.0.0.1", 8080)
+    admin_listen: Listen | None = None  # /healthz, /readyz, /metrics; off unless set
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = "text"
     max_body: Size = 10 * 1024 * 1024
+    shutdown_grace: Duration = 10.0  # in-flight requests get this long after SIGTERM
+    inbound_token: str | None = Field(default=None, min_length=16, repr=False)  # Proxy-Authorization: Bearer ...
     credentials: dict[str, SourceConfig] = Field(default_factory=dict)
     routes: tuple[Route, ...]
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import json
 import logging
 import time
@@ -30,10 +31,11 @@ from yarl import URL
 from . import signing
 from .config import Config, Route
 from .credentials import CredentialsUnavailable, Provider
+from .logs import Exchange, access_log, log_access
+from .metrics import Metrics
 from .routing import Match, Router
 
 log = logging.getLogger("signing_proxy.forwarding")
-access_log = logging.getLogger("signing_proxy.access")
 
 # RFC 9110 7.6.1 (plus Proxy-Authorization, which is addressed to us, never upstream).
 HOP_BY_HOP = frozenset(
@@ -78,6 +80,12 @@ def connection_tokens(headers: Any) -> set[str]:
     for value in headers.getall("Connection", ()):
         tokens.update(t.strip().lower() for t in value.split(",") if t.strip())
     return tokens
+
+
+def failed(exchange: Exchange, status: int, message: str, reason: str) -> web.Response:
+    """An error answer for an upstream failure, counted by kind."""
+    exchange.error_kind = reason
+    return error_response(status, message, reason)
 
 
 def too_large_response(max_body: int) -> web.Response:
@@ -144,8 +152,15 @@ class Timeouts:
 class Forwarder:
     """The aiohttp handler for every proxied request."""
 
-    def __init__(self, config: Config, providers: dict[str, Provider], session: aiohttp.ClientSession) -> None:
+    def __init__(
+        self,
+        config: Config,
+        providers: dict[str, Provider],
+        session: aiohttp.ClientSession,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.config = config
+        self.metrics = metrics
         self.router = Router(config.routes)
         self.providers = providers
         self.session = session
@@ -172,16 +187,19 @@ class Forwarder:
         query: signing.Query,
         headers: CIMultiDict[str],
         payload_sha256: str,
-    ) -> None:
-        """Add the route's authentication to ``headers`` (SigV4, a Cognito token, or nothing)."""
+    ) -> str:
+        """Add the route's authentication to ``headers`` (SigV4, a Cognito token, or nothing).
+
+        Returns what signed, for the access log: the source name and key id prefix.
+        """
         route = match.route
         if route.auth == "none":
-            return
+            return "-"
         provider = self.providers[route.credentials]
         if route.auth != "sigv4":
             tokens = await provider.user_pool_tokens()
             headers["Authorization"] = tokens.id_token if route.auth == "cognito_id_token" else tokens.access_token
-            return
+            return f"{route.credentials} ({route.auth})"
         credentials = await provider.aws_credentials()
         amz_date = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() + self.clock_offset))
         headers["X-Amz-Date"] = amz_date
@@ -209,11 +227,30 @@ class Forwarder:
                 redact_canonical(signature.canonical_request),
                 signature.string_to_sign,
             )
+        return f"{route.credentials} {credentials.key_prefix}"
 
     # ------------------------------------------------------------ the handler
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.monotonic()
+        exchange = Exchange(request.method)
+        response: web.StreamResponse | None = None
+        try:
+            response = await self._handle(request, exchange)
+            return response
+        finally:
+            exchange.status = response.status if response is not None else 499  # 499: the client went away
+            exchange.duration = time.monotonic() - started
+            self.observe(exchange)
+
+    async def _handle(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
+        if self.config.inbound_token and not self._inbound_authorized(request):
+            return error_response(
+                407,
+                "send Proxy-Authorization: Bearer <inbound_token> to use this proxy",
+                "proxy_authentication_required",
+                **{"Proxy-Authenticate": 'Bearer realm="signing-proxy"'},
+            )
         target = request_target(request.raw_path)
         if target is None:
             return error_response(
@@ -221,60 +258,61 @@ class Forwarder:
             )
         raw_path, _, raw_query = target.partition("?")
         wire_path = signing.normalize_path(raw_path)
+        exchange.path = wire_path
         match = self.router.match(wire_path)
         if match is None:
             return error_response(
                 404, f"no route matches {wire_path}; add a route whose path_prefix covers it", "no_route"
             )
-        route = match.route
-        response: web.StreamResponse | None = None
-        try:
-            if request.headers.get("Upgrade", "").lower() == "websocket":
-                from .websocket import relay_websocket
+        exchange.route = match.route.path_prefix
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            from .websocket import relay_websocket
 
-                response = await relay_websocket(self, request, match, raw_query)
-            else:
-                response = await self._forward(request, match, raw_query)
-            return response
-        finally:
-            status = response.status if response is not None else 499
-            access_log.info(
-                "%s %s %s -> %s %.1fms",
-                route.path_prefix,
-                request.method,
-                wire_path,
-                status,
-                (time.monotonic() - started) * 1000,
-            )
+            return await relay_websocket(self, request, match, raw_query)
+        return await self._forward(request, match, raw_query, exchange)
 
-    async def _forward(self, request: web.Request, match: Match, raw_query: str) -> web.StreamResponse:
+    def _inbound_authorized(self, request: web.Request) -> bool:
+        scheme, _, token = request.headers.get("Proxy-Authorization", "").partition(" ")
+        expected = self.config.inbound_token or ""
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), expected.encode())
+
+    async def _forward(
+        self, request: web.Request, match: Match, raw_query: str, exchange: Exchange
+    ) -> web.StreamResponse:
         route = match.route
         try:
             body, payload_sha256 = await read_body(request, self.config.max_body)
         except BodyTooLarge:
             return too_large_response(self.config.max_body)
+        exchange.bytes_in = len(body)
         query = signing.normalize_query(raw_query)
+        exchange.query = query.wire
         headers = self.upstream_headers(request, route)
         try:
-            await self.authorize(request.method, match, query, headers, payload_sha256)
+            exchange.credentials = await self.authorize(request.method, match, query, headers, payload_sha256)
         except CredentialsUnavailable as error:
+            exchange.credentials = route.credentials
             return error_response(
-                503,
-                f"credentials {route.credentials!r} are unavailable: {error}",
-                error.reason,
-                **{"Retry-After": "5"},
+                503, f"credentials {route.credentials!r} are unavailable: {error}", error.reason, **{"Retry-After": "5"}
             )
         url = URL(
             f"{route.upstream_scheme}://{route.upstream_host}{match.upstream_path}"
             + (f"?{query.wire}" if query.wire else ""),
             encoded=True,
         )
-        return await self._exchange(request, route, url, headers, body)
+        return await self._exchange(request, route, url, headers, body, exchange)
 
     async def _exchange(
-        self, request: web.Request, route: Route, url: URL, headers: CIMultiDict[str], body: bytes
+        self,
+        request: web.Request,
+        route: Route,
+        url: URL,
+        headers: CIMultiDict[str],
+        body: bytes,
+        exchange: Exchange,
     ) -> web.StreamResponse:
         timeouts = Timeouts.of(route)
+        sent = time.monotonic()
         try:
             async with asyncio.timeout(timeouts.connect + timeouts.first_byte):
                 upstream = await self.session.request(
@@ -286,33 +324,39 @@ class Forwarder:
                     timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeouts.connect, sock_read=None),
                 )
         except TimeoutError:
-            return error_response(
+            return failed(
+                exchange,
                 504,
                 f"{url.host} did not answer within {timeouts.connect + timeouts.first_byte:g}s; "
                 "raise the route's timeout if it is slow",
                 "upstream_timeout",
             )
         except aiohttp.ClientConnectorError as error:
-            return error_response(
+            return failed(
+                exchange,
                 502,
                 f"cannot connect to {url.host}:{url.port}: {error.strerror or error}",
                 "upstream_unreachable",
             )
         except aiohttp.ServerDisconnectedError:
-            return error_response(502, f"{url.host} closed the connection without answering", "upstream_disconnected")
+            return failed(exchange, 502, f"{url.host} closed the connection without answering", "upstream_disconnected")
         except aiohttp.ClientResponseError as error:
-            return error_response(
-                502, f"{url.host} sent a malformed response: {error.message}", "upstream_bad_response"
+            return failed(
+                exchange, 502, f"{url.host} sent a malformed response: {error.message}", "upstream_bad_response"
             )
         except aiohttp.ClientError as error:
-            return error_response(502, f"error talking to {url.host}: {type(error).__name__}", "upstream_error")
+            return failed(exchange, 502, f"error talking to {url.host}: {type(error).__name__}", "upstream_error")
+        exchange.upstream_first_byte = time.monotonic() - sent
         try:
-            return await self._relay(request, upstream, timeouts)
-        finally:
-            upstream.close()  # never back to the pool half-read
+            response = await self._relay(request, upstream, timeouts, exchange)
+        except BaseException:
+            upstream.close()  # a half-read connection never goes back to the pool
+            raise
+        upstream.release()  # back to the pool when the body was read to the end, closed otherwise
+        return response
 
     async def _relay(
-        self, request: web.Request, upstream: aiohttp.ClientResponse, timeouts: Timeouts
+        self, request: web.Request, upstream: aiohttp.ClientResponse, timeouts: Timeouts, exchange: Exchange
     ) -> web.StreamResponse:
         """Stream the upstream response to the client as it arrives."""
         response = RelayedResponse(status=upstream.status, reason=upstream.reason)
@@ -328,15 +372,27 @@ class Forwarder:
                     chunk = await content.readany()
                 if not chunk:
                     break
+                exchange.bytes_out += len(chunk)
                 await response.write(chunk)
         except (aiohttp.ClientError, TimeoutError) as error:
             # The body is cut short: abort the client connection so it cannot
             # mistake what it got for the whole body.
-            log.warning("upstream body cut short (%s); aborting the client connection", type(error).__name__)
+            kind = "upstream_idle_timeout" if isinstance(error, TimeoutError) else "upstream_body_cut"
+            exchange.error_kind = kind
+            log.warning("%s %s: upstream body cut short (%s); aborting the client connection", exchange.method,
+                        exchange.path, kind)  # fmt: skip
             abort(request)
+            upstream.close()
             return response
         await response.write_eof()
         return response
+
+    def observe(self, exchange: Exchange) -> None:
+        """Record a finished request in the metrics and the access log."""
+        if self.metrics is not None:
+            self.metrics.observe(exchange)
+        if access_log.isEnabledFor(logging.INFO):
+            log_access(exchange, with_query_values=access_log.isEnabledFor(logging.DEBUG))
 
 
 SIGNED_HEADERS = ("Host", "X-Amz-Date", "X-Amz-Content-Sha256", "X-Amz-Security-Token")

@@ -6,13 +6,16 @@ import asyncio
 import logging
 import signal
 import socket
+from collections.abc import Callable
 
 import aiohttp
 from aiohttp import web
 
-from .config import Config, is_loopback
+from .admin import admin_app
+from .config import Config, ConfigError, is_loopback
 from .credentials import CredentialsUnavailable, Provider, build_providers
 from .forwarding import NO_AUTO_HEADERS, Forwarder, error_response, too_large_response
+from .metrics import Metrics
 
 log = logging.getLogger("signing_proxy")
 
@@ -43,29 +46,33 @@ def client_session() -> aiohttp.ClientSession:
 
 
 class ProxyServer:
-    """One running proxy. ``await start()`` binds and warms credentials; ``await close()`` stops."""
+    """One running proxy. ``await start()`` binds and warms credentials; ``await close()`` drains and stops.
+
+    ``reload(config)`` swaps in a new configuration without dropping connections:
+    requests already running finish with the old one.
+    """
 
     def __init__(self, config: Config, *, sock: socket.socket | None = None) -> None:
         self.config = config
         self.providers: dict[str, Provider] = build_providers(config)
+        self.metrics = Metrics()
         self._sock = sock
         self._runner: web.AppRunner | None = None
+        self._admin_runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
-        self._warmups: list[asyncio.Task[None]] = []
+        self._warmups: set[asyncio.Task[None]] = set()
         self.forwarder: Forwarder | None = None
         self.host, self.port = config.listen
+        self.admin_port: int | None = None
 
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
 
-    def make_app(self) -> web.Application:
-        self._session = client_session()
-        self.forwarder = Forwarder(self.config, self.providers, self._session)
-        app = web.Application(client_max_size=self.config.max_body)
-        app.router.add_route("*", "/{tail:.*}", self.forwarder.handle, expect_handler=self._expect)
-        return app
+    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        assert self.forwarder is not None
+        return await self.forwarder.handle(request)
 
     async def _expect(self, request: web.Request) -> web.StreamResponse | None:
         """Answer ``Expect: 100-continue``: refuse an oversized body before the client sends it."""
@@ -79,28 +86,50 @@ class ProxyServer:
 
     async def start(self) -> None:
         accept_raw_utf8_in_request_lines()
-        app = self.make_app()
-        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+        self._session = client_session()
+        self.forwarder = Forwarder(self.config, self.providers, self._session, self.metrics)
+        app = web.Application(client_max_size=self.config.max_body)
+        app.router.add_route("*", "/{tail:.*}", self._dispatch, expect_handler=self._expect)
+        self._runner = web.AppRunner(
+            app, access_log=None, handler_cancellation=True, shutdown_timeout=self.config.shutdown_grace
+        )
         await self._runner.setup()
         if self._sock is not None:
             site: web.BaseSite = web.SockSite(self._runner, self._sock)
         else:
             site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
         await site.start()
-        server = site._server  # the asyncio server: read the port actually bound (listen: ...:0)
-        if server is not None and server.sockets:  # type: ignore[union-attr]
-            self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        if not is_loopback(self.host):
+        self.port = bound_port(site) or self.port
+        self.metrics.watch(lambda: self.providers, self._open_connections)
+        if self.config.admin_listen is not None:
+            await self._start_admin(*self.config.admin_listen)
+        if not is_loopback(self.host) and not self.config.inbound_token:
             log.warning(
-                "listening on %s, which is not loopback: anyone who reaches this port signs requests "
-                "with this proxy's AWS identity",
+                "listening on %s, which is not loopback, without inbound_token: anyone who reaches this port "
+                "signs requests with this proxy's AWS identity",
                 self.host,
             )
-        self._warmups = [asyncio.create_task(self._warm(p)) for p in self._used_providers()]
+        self._warm_all()
 
-    def _used_providers(self) -> list[Provider]:
+    async def _start_admin(self, host: str, port: int) -> None:
+        self._admin_runner = web.AppRunner(
+            admin_app(lambda: (self.config, self.providers), self.metrics), access_log=None, shutdown_timeout=1.0
+        )
+        await self._admin_runner.setup()
+        site = web.TCPSite(self._admin_runner, host, port, reuse_address=True)
+        await site.start()
+        self.admin_port = bound_port(site) or port
+
+    def _open_connections(self) -> int:
+        server = self._runner.server if self._runner is not None else None
+        return len(server.connections) if server is not None else 0
+
+    def _warm_all(self) -> None:
         names = {r.credentials for r in self.config.routes if r.auth != "none"}
-        return [self.providers[n] for n in sorted(names)]
+        for name in sorted(names):
+            task = asyncio.create_task(self._warm(self.providers[name]))
+            self._warmups.add(task)
+            task.add_done_callback(self._warmups.discard)
 
     async def _warm(self, provider: Provider) -> None:
         """Fetch credentials at start-up so the first request does not wait (failures retry on use)."""
@@ -112,24 +141,63 @@ class ProxyServer:
         except CredentialsUnavailable:
             pass  # already logged by Refreshing; requests on the route answer 503 until it recovers
 
+    def reload(self, config: Config) -> None:
+        """Serve ``config`` from now on. Sources whose settings did not change keep their credentials."""
+        if config.listen != self.config.listen or config.admin_listen != self.config.admin_listen:
+            log.warning("reload: listen and admin_listen changes take effect only after a restart")
+        fresh = build_providers(config)
+        for name, provider in fresh.items():
+            if name in self.providers and self.config.source(name) == config.source(name):
+                fresh[name] = self.providers[name]
+        assert self._session is not None
+        self.config, self.providers = config, fresh
+        self.forwarder = Forwarder(config, fresh, self._session, self.metrics)
+        self._warm_all()
+        log.info("configuration reloaded: %d route(s)", len(config.routes))
+
     async def close(self) -> None:
-        for task in self._warmups:
+        """Stop accepting, give running requests ``shutdown_grace`` to finish, then close."""
+        for task in list(self._warmups):
             task.cancel()
         if self._runner is not None:
             await self._runner.cleanup()
+        if self._admin_runner is not None:
+            await self._admin_runner.cleanup()
         if self._session is not None:
             await self._session.close()
 
 
-async def serve_forever(server: ProxyServer, on_ready: str | None = None) -> None:
-    """Run until SIGINT or SIGTERM."""
+def bound_port(site: web.BaseSite) -> int | None:
+    """The port a site actually bound (for ``listen: ...:0``)."""
+    server = site._server  # aiohttp keeps the asyncio server private
+    sockets = getattr(server, "sockets", None)
+    return int(sockets[0].getsockname()[1]) if sockets else None
+
+
+async def serve_forever(
+    server: ProxyServer, on_ready: str | None = None, reload: Callable[[], Config] | None = None
+) -> None:
+    """Run until SIGINT or SIGTERM, draining in-flight requests; SIGHUP calls ``reload`` and applies it.
+
+    A configuration that fails to load on SIGHUP is logged and ignored: the old one keeps serving.
+    """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    if reload is not None:
+
+        def on_hangup() -> None:
+            try:
+                server.reload(reload())
+            except ConfigError as error:
+                log.error("reload rejected, the previous configuration keeps serving:\n%s", error)
+
+        loop.add_signal_handler(signal.SIGHUP, on_hangup)
     await server.start()
     print(on_ready or f"signing-proxy listening on {server.url}", flush=True)
     try:
         await stop.wait()
+        log.info("stopping: draining requests for up to %gs", server.config.shutdown_grace)
     finally:
         await server.close()

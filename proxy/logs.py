@@ -1,0 +1,103 @@
+"""Logging: set-up, the access log line, and JSON output.
+
+One access line per request, written when it ends: time, route, method,
+path (query keys only at info; values too at debug, since they may carry
+personal data), status, duration, bytes, upstream time to first byte, and the
+credential source with its access key id prefix. Never a secret: the line is
+built from an ``Exchange`` record that holds none.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass
+
+access_log = logging.getLogger("signing_proxy.access")
+
+
+@dataclass(slots=True)
+class Exchange:
+    """What one request did, filled in as it goes; read by the access log and metrics."""
+
+    method: str
+    route: str = "-"
+    path: str = "-"
+    query: str = ""
+    status: int = 0
+    duration: float = 0.0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    upstream_first_byte: float | None = None
+    credentials: str = "-"
+    error_kind: str | None = None
+
+    def logged_path(self, with_query_values: bool) -> str:
+        if not self.query:
+            return self.path
+        if with_query_values:
+            return f"{self.path}?{self.query}"
+        keys = (pair.partition("=")[0] for pair in self.query.split("&"))
+        return f"{self.path}?" + "&".join(f"{key}=…" for key in keys)
+
+
+def log_access(exchange: Exchange, *, with_query_values: bool) -> None:
+    first_byte = exchange.upstream_first_byte
+    fields = {
+        "route": exchange.route,
+        "method": exchange.method,
+        "path": exchange.logged_path(with_query_values),
+        "status": exchange.status,
+        "duration_ms": round(exchange.duration * 1000, 2),
+        "bytes_in": exchange.bytes_in,
+        "bytes_out": exchange.bytes_out,
+        "upstream_ttfb_ms": round(first_byte * 1000, 2) if first_byte is not None else None,
+        "credentials": exchange.credentials,
+    }
+    if exchange.error_kind:
+        fields["error"] = exchange.error_kind
+    access_log.info(
+        "%s %s %s %s %.1fms in=%d out=%d ttfb=%s creds=%s%s",
+        fields["route"], fields["method"], fields["path"], fields["status"], fields["duration_ms"],
+        fields["bytes_in"], fields["bytes_out"],
+        f"{fields['upstream_ttfb_ms']}ms" if first_byte is not None else "-",
+        fields["credentials"], f" error={exchange.error_kind}" if exchange.error_kind else "",
+        extra={"access": fields},
+    )  # fmt: skip
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line; access lines carry their fields as keys."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, object] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+        }
+        access = getattr(record, "access", None)
+        if access is not None:
+            entry.update(access)
+        else:
+            entry["message"] = record.getMessage()
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def setup_logging(level: str, log_format: str = "text") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(getattr(logging, level.upper()))
+    # aiohttp's own access and server logs would duplicate ours (and print full URLs).
+    logging.getLogger("aiohttp").setLevel(max(logging.WARNING, root.level))
+    # botocore at debug prints request bodies, which carry passwords and tokens.
+    for noisy in ("botocore", "urllib3", "boto3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
