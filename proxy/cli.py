@@ -140,7 +140,7 @@ def cmd_health(args: argparse.Namespace) -> int:
     import urllib.request
 
     try:
-        with urllib.request.urlopen(args.url, timeout=args.timeout) as response:  # noqa: S310 - a local URL
+        with urllib.request.urlopen(args.url, timeout=args.timeout) as response:
             return 0 if response.status == 200 else 1
     except OSError as error:
         print(f"signing-proxy health: {args.url}: {error}", file=sys.stderr)

@@ -146,8 +146,8 @@ class ProxyServer:
         if config.listen != self.config.listen or config.admin_listen != self.config.admin_listen:
             log.warning("reload: listen and admin_listen changes take effect only after a restart")
         fresh = build_providers(config)
-        for name, provider in fresh.items():
-            if name in self.providers and self.config.source(name) == config.source(name):
+        for name in fresh:
+            if name in self.providers and source_chain(self.config, name) == source_chain(config, name):
                 fresh[name] = self.providers[name]
         assert self._session is not None
         self.config, self.providers = config, fresh
@@ -165,6 +165,16 @@ class ProxyServer:
             await self._admin_runner.cleanup()
         if self._session is not None:
             await self._session.close()
+
+
+def source_chain(config: Config, name: str) -> list[object]:
+    """A source's settings and those of every source it is signed by (assumed roles)."""
+    chain: list[object] = []
+    while name not in chain:
+        source = config.source(name)
+        chain += [name, source]
+        name = getattr(source, "source", name)
+    return chain
 
 
 def bound_port(site: web.BaseSite) -> int | None:

@@ -172,7 +172,7 @@ async def test_sigterm_drains_in_flight_streams(sigv4_upstream, tmp_path: Path) 
         # new connections are refused while the running stream goes on
         for _ in range(200):
             try:
-                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
                 writer.close()
             except ConnectionRefusedError:
                 break
