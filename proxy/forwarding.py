@@ -15,10 +15,12 @@ Content-Type.
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import hashlib
 import hmac
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -348,23 +350,54 @@ class Forwarder:
             return failed(exchange, 502, f"error talking to {url.host}: {type(error).__name__}", "upstream_error")
         exchange.upstream_first_byte = time.monotonic() - sent
         try:
-            response = await self._relay(request, upstream, timeouts, exchange)
+            prefetched = await self._check_clock_skew(route, upstream) if upstream.status == 403 else None
+            response = await self._relay(request, upstream, timeouts, exchange, prefetched)
         except BaseException:
             upstream.close()  # a half-read connection never goes back to the pool
             raise
         upstream.release()  # back to the pool when the body was read to the end, closed otherwise
         return response
 
+    async def _check_clock_skew(self, route: Route, upstream: aiohttp.ClientResponse) -> bytes | None:
+        """Read a small 403 body; when AWS says our time is off, correct the signing clock by its Date.
+
+        Returns the body read (to relay as it is), or None when it was left unread.
+        """
+        if route.auth != "sigv4" or (upstream.content_length or 0) > 65536 or upstream.content_length is None:
+            return None
+        body = await upstream.read()
+        if SKEW_ERROR.search(body):
+            offset = clock_offset(upstream.headers.get("Date"))
+            if offset is not None and abs(offset - self.clock_offset) >= 1.0:
+                self.clock_offset = offset
+                log.warning(
+                    "%s says our clock is off: signing with the time corrected by %+.0fs (from its Date header); "
+                    "fix this machine's clock",
+                    route.upstream_host,
+                    offset,
+                )
+        return body
+
     async def _relay(
-        self, request: web.Request, upstream: aiohttp.ClientResponse, timeouts: Timeouts, exchange: Exchange
+        self,
+        request: web.Request,
+        upstream: aiohttp.ClientResponse,
+        timeouts: Timeouts,
+        exchange: Exchange,
+        prefetched: bytes | None = None,
     ) -> web.StreamResponse:
-        """Stream the upstream response to the client as it arrives."""
+        """Stream the upstream response to the client as it arrives (or send ``prefetched``, its whole body)."""
         response = RelayedResponse(status=upstream.status, reason=upstream.reason)
         drop = HOP_BY_HOP | connection_tokens(upstream.headers)
         for name, value in upstream.headers.items():
             if name.lower() not in drop:
                 response.headers.add(name, value)
         await response.prepare(request)
+        if prefetched is not None:
+            exchange.bytes_out = len(prefetched)
+            await response.write(prefetched)
+            await response.write_eof()
+            return response
         content = upstream.content
         try:
             while True:
@@ -393,6 +426,20 @@ class Forwarder:
             self.metrics.observe(exchange)
         if access_log.isEnabledFor(logging.INFO):
             log_access(exchange, with_query_values=access_log.isEnabledFor(logging.DEBUG))
+
+
+# What AWS says when X-Amz-Date is too far from its clock (API Gateway, STS, Lambda, S3 wordings).
+SKEW_ERROR = re.compile(rb"signature expired|too skewed|RequestExpired|RequestTimeTooSkewed", re.IGNORECASE)
+
+
+def clock_offset(date_header: str | None) -> float | None:
+    """Seconds the peer's clock (its Date header) is ahead of ours."""
+    if not date_header:
+        return None
+    try:
+        return email.utils.parsedate_to_datetime(date_header).timestamp() - time.time()
+    except (TypeError, ValueError):
+        return None
 
 
 SIGNED_HEADERS = ("Host", "X-Amz-Date", "X-Amz-Content-Sha256", "X-Amz-Security-Token")

@@ -151,7 +151,10 @@ class ProxyServer:
                 fresh[name] = self.providers[name]
         assert self._session is not None
         self.config, self.providers = config, fresh
+        previous = self.forwarder
         self.forwarder = Forwarder(config, fresh, self._session, self.metrics)
+        if previous is not None:
+            self.forwarder.clock_offset = previous.clock_offset
         self._warm_all()
         log.info("configuration reloaded: %d route(s)", len(config.routes))
 

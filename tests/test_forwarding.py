@@ -408,3 +408,31 @@ async def test_raw_utf8_is_encoded_and_invalid_utf8_is_400(sigv4_upstream, start
     bad = await raw_request(proxy.url, b"GET /caf\xe9?q=\xff HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert bad.status == 400 and json.loads(bad.body)["reason"] == "bad_request_target"
     assert len(sigv4_upstream.received) == 1
+
+
+async def test_clock_skew_is_measured_from_date_and_corrected(sigv4_upstream, start_proxy) -> None:
+    """An upstream whose clock is an hour ahead refuses stale signatures until the proxy corrects its clock."""
+    import calendar
+    import email.utils
+    import time
+
+    skew = 3600.0
+
+    async def respond(request: web.Request, received: Received) -> web.StreamResponse:
+        upstream_now = time.time() + skew
+        signed_at = calendar.timegm(time.strptime(request.headers["X-Amz-Date"], "%Y%m%dT%H%M%SZ"))
+        date = email.utils.formatdate(upstream_now, usegmt=True)
+        if abs(upstream_now - signed_at) > 300:
+            body = {"message": "Signature expired: 20261122T040000Z is now earlier than 20261122T050000Z"}
+            return web.json_response(body, status=403, headers={"Date": date})
+        return web.json_response({"ok": received.signature_ok}, headers={"Date": date})
+
+    sigv4_upstream.responder = respond
+    proxy = await start_proxy(static_route(sigv4_upstream.url))
+    async with aiohttp.ClientSession() as client:
+        async with client.post(proxy.url + "/a", data=b"x") as r:
+            assert r.status == 403
+            assert "Signature expired" in (await r.json())["message"]  # relayed as the upstream sent it
+        async with client.post(proxy.url + "/a", data=b"x") as r:
+            assert r.status == 200 and await r.json() == {"ok": True}
+    assert abs(proxy.forwarder.clock_offset - skew) < 5
