@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from .config import Config, ConfigError, load_config, parse_config
@@ -49,13 +50,47 @@ def load(args: argparse.Namespace) -> Config:
     return config
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from .server import ProxyServer, serve_forever
+def run_loop(main: Coroutine[Any, Any, None]) -> None:
+    """Run ``main`` on uvloop when it is installed (``signing-proxy[fast]``), else on asyncio's loop."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+        return
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main)
 
+
+def cmd_run(args: argparse.Namespace) -> int:
     config = load(args)
     setup_logging(config.log_level, config.log_format)
-    asyncio.run(serve_forever(ProxyServer(config), reload=(lambda: load(args)) if args.config else None))
-    return 0
+    reload = (lambda: load(args)) if args.config else None
+    count = config.worker_count
+    if count == 1:
+        from .server import ProxyServer, serve_forever
+
+        run_loop(serve_forever(ProxyServer(config), reload=reload))
+        return 0
+
+    from .workers import bind_sockets, supervise, use_multiprocess_metrics
+
+    use_multiprocess_metrics()  # before prometheus-client is first imported, by .server
+    host, port = config.listen
+    try:
+        sockets = bind_sockets(host, port, count)
+    except OSError as error:
+        print(f"signing-proxy: cannot listen on {host}:{port}: {error.strerror}", file=sys.stderr)
+        return 1
+    from .server import ProxyServer, serve_forever
+
+    def serve(index: int, sock: socket.socket) -> int:
+        run_loop(serve_forever(ProxyServer(config, sock=sock, worker=index), reload=reload, announce=False))
+        return 0
+
+    shown = f"[{host}]" if ":" in host else host
+    return supervise(
+        sockets, serve, f"signing-proxy listening on http://{shown}:{sockets[0].getsockname()[1]} ({count} workers)"
+    )
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -78,7 +113,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     setup_logging(args.log_level or "info")
     try:
-        asyncio.run(main())
+        run_loop(main())
     except OSError as error:
         print(f"signing-proxy demo: cannot listen on {args.listen}: {error.strerror}", file=sys.stderr)
         return 1

@@ -281,6 +281,7 @@ class Config(_Frozen):
     log_format: Literal["text", "json"] = "text"
     max_body: Size = 10 * 1024 * 1024
     shutdown_grace: Duration = 10.0  # in-flight requests get this long after SIGTERM
+    workers: Literal["auto"] | Annotated[int, Field(ge=1, le=256)] = "auto"  # processes sharing the port
     inbound_token: str | None = Field(default=None, min_length=16, repr=False)  # Proxy-Authorization: Bearer ...
     credentials: dict[str, SourceConfig] = Field(default_factory=dict)
     routes: tuple[Route, ...]
@@ -324,6 +325,13 @@ class Config(_Frozen):
                 raise ValueError(f"credentials.{name}.source: cycle {' -> '.join([*seen, current.source])}")
             seen.append(current.source)
             current = self.credentials.get(current.source)
+
+    @property
+    def worker_count(self) -> int:
+        """``workers`` as a number: ``auto`` is one per core this process may use."""
+        if self.workers != "auto":
+            return int(self.workers)
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
     def source(self, name: str) -> SourceConfig:
         return self.credentials.get(name) or DefaultChainSource(type="default")

@@ -9,6 +9,7 @@ are what every scraper expects, and they are easy to get subtly wrong.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -22,9 +23,23 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2
 
 
 class Metrics:
+    """The proxy's metrics; ``registry`` is what /metrics exposes.
+
+    With several worker processes (PROMETHEUS_MULTIPROC_DIR set by the
+    supervisor), metric values live in shared files and the exposed registry
+    sums them over all workers.
+    """
+
     def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        registry = self.registry
+        multiprocess_mode = "PROMETHEUS_MULTIPROC_DIR" in os.environ
+        # auto_describe would read the shared files while other workers are still creating them.
+        self.registry = CollectorRegistry(auto_describe=not multiprocess_mode)
+        registry: CollectorRegistry | None = self.registry
+        if multiprocess_mode:
+            from prometheus_client import multiprocess
+
+            multiprocess.MultiProcessCollector(self.registry)
+            registry = None  # values go to the shared files, not to this process's registry
         self.requests = Counter(
             "signing_proxy_requests", "Requests answered, by route, method and status class.",
             ["route", "method", "status_class"], registry=registry,
@@ -48,8 +63,13 @@ class Metrics:
             ["route", "kind"], registry=registry,
         )  # fmt: skip
         self.open_websockets = Gauge(
-            "signing_proxy_open_websockets", "WebSocket connections being relayed.", registry=registry
-        )
+            "signing_proxy_open_websockets", "WebSocket connections being relayed.",
+            registry=registry, multiprocess_mode="livesum",
+        )  # fmt: skip
+        self.open_connections = Gauge(
+            "signing_proxy_open_connections", "Client connections open to the proxy (sampled each second).",
+            registry=registry, multiprocess_mode="livesum",
+        )  # fmt: skip
 
     def observe(self, exchange: Exchange) -> None:
         """Count one finished request."""
@@ -65,15 +85,14 @@ class Metrics:
         if exchange.error_kind:
             self.upstream_errors.labels(route, exchange.error_kind).inc()
 
-    def watch(self, providers: Callable[[], dict[str, Any]], connections: Callable[[], int]) -> None:
-        """Report credential refreshes and open connections, read when scraped."""
-        self.registry.register(_LiveCollector(providers, connections))
+    def watch(self, providers: Callable[[], dict[str, Any]]) -> None:
+        """Report credential refreshes and readiness, read from the providers when scraped."""
+        self.registry.register(_CredentialsCollector(providers))
 
 
-class _LiveCollector(Collector):
-    def __init__(self, providers: Callable[[], dict[str, Any]], connections: Callable[[], int]) -> None:
+class _CredentialsCollector(Collector):
+    def __init__(self, providers: Callable[[], dict[str, Any]]) -> None:
         self._providers = providers
-        self._connections = connections
 
     def collect(self) -> Iterator[Any]:
         refreshes = CounterMetricFamily(
@@ -92,6 +111,3 @@ class _LiveCollector(Collector):
                 ready.add_metric([name], 1.0 if provider.status()["ready"] else 0.0)
         yield refreshes
         yield ready
-        yield GaugeMetricFamily(
-            "signing_proxy_open_connections", "Client connections open to the proxy.", value=self._connections()
-        )

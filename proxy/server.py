@@ -52,8 +52,9 @@ class ProxyServer:
     requests already running finish with the old one.
     """
 
-    def __init__(self, config: Config, *, sock: socket.socket | None = None) -> None:
+    def __init__(self, config: Config, *, sock: socket.socket | None = None, worker: int = 0) -> None:
         self.config = config
+        self.worker = worker  # 0 unless one of several worker processes; worker 0 serves the admin port
         self.providers: dict[str, Provider] = build_providers(config)
         self.metrics = Metrics()
         self._sock = sock
@@ -64,6 +65,7 @@ class ProxyServer:
         self.forwarder: Forwarder | None = None
         self.host, self.port = config.listen
         self.admin_port: int | None = None
+        self._sampler: asyncio.Task[None] | None = None
 
     @property
     def url(self) -> str:
@@ -100,8 +102,9 @@ class ProxyServer:
             site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
         await site.start()
         self.port = bound_port(site) or self.port
-        self.metrics.watch(lambda: self.providers, self._open_connections)
-        if self.config.admin_listen is not None:
+        self.metrics.watch(lambda: self.providers)
+        self._sampler = asyncio.create_task(self._sample_connections())
+        if self.config.admin_listen is not None and self.worker == 0:
             await self._start_admin(*self.config.admin_listen)
         if not is_loopback(self.host) and not self.config.inbound_token:
             log.warning(
@@ -120,9 +123,12 @@ class ProxyServer:
         await site.start()
         self.admin_port = bound_port(site) or port
 
-    def _open_connections(self) -> int:
-        server = self._runner.server if self._runner is not None else None
-        return len(server.connections) if server is not None else 0
+    async def _sample_connections(self) -> None:
+        """Publish the open connection count each second (summed over workers by prometheus-client)."""
+        while True:
+            server = self._runner.server if self._runner is not None else None
+            self.metrics.open_connections.set(len(server.connections) if server is not None else 0)
+            await asyncio.sleep(1.0)
 
     def _warm_all(self) -> None:
         names = {r.credentials for r in self.config.routes if r.auth != "none"}
@@ -132,7 +138,11 @@ class ProxyServer:
             task.add_done_callback(self._warmups.discard)
 
     async def _warm(self, provider: Provider) -> None:
-        """Fetch credentials at start-up so the first request does not wait (failures retry on use)."""
+        """Fetch credentials at start-up so the first request does not wait (failures retry on use).
+
+        Workers start a little apart, so N workers do not call STS or Cognito in the same instant.
+        """
+        await asyncio.sleep(0.2 * self.worker)
         try:
             if provider.tokens is not None:
                 await provider.user_pool_tokens()
@@ -160,8 +170,9 @@ class ProxyServer:
 
     async def close(self) -> None:
         """Stop accepting, give running requests ``shutdown_grace`` to finish, then close."""
-        for task in list(self._warmups):
-            task.cancel()
+        for task in [*self._warmups, self._sampler]:
+            if task is not None:
+                task.cancel()
         if self._runner is not None:
             await self._runner.cleanup()
         if self._admin_runner is not None:
@@ -188,7 +199,11 @@ def bound_port(site: web.BaseSite) -> int | None:
 
 
 async def serve_forever(
-    server: ProxyServer, on_ready: str | None = None, reload: Callable[[], Config] | None = None
+    server: ProxyServer,
+    on_ready: str | None = None,
+    reload: Callable[[], Config] | None = None,
+    *,
+    announce: bool = True,
 ) -> None:
     """Run until SIGINT or SIGTERM, draining in-flight requests; SIGHUP calls ``reload`` and applies it.
 
@@ -208,7 +223,8 @@ async def serve_forever(
 
         loop.add_signal_handler(signal.SIGHUP, on_hangup)
     await server.start()
-    print(on_ready or f"signing-proxy listening on {server.url}", flush=True)
+    if announce:
+        print(on_ready or f"signing-proxy listening on {server.url}", flush=True)
     try:
         await stop.wait()
         log.info("stopping: draining requests for up to %gs", server.config.shutdown_grace)

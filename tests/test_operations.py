@@ -86,6 +86,7 @@ async def test_inbound_token_is_required_and_never_forwarded(sigv4_upstream, sta
 
 
 def write_config(path: Path, upstream: str, **extra: Any) -> Path:
+    extra.setdefault("workers", 1)
     lines = [f"{key}: {json.dumps(value)}" for key, value in extra.items()]
     path.write_text(
         "\n".join(lines) + "\ncredentials:\n"
@@ -215,8 +216,9 @@ async def test_non_loopback_listen_warns_without_inbound_token(tmp_path: Path) -
     port = free_port()
     config.write_text(f"listen: 0.0.0.0:{port}\nroutes: [{{upstream: 'http://127.0.0.1:1', region: r}}]\n")
     process = await start_process(config)
-    _, err = await stop(process)
-    assert "not loopback, without inbound_token" in err
+    assert process.stderr is not None
+    await wait_for_line(process.stderr, "not loopback, without inbound_token")
+    await stop(process)
 
 
 async def test_health_command_for_container_healthchecks(sigv4_upstream, start_proxy) -> None:
@@ -225,3 +227,29 @@ async def test_health_command_for_container_healthchecks(sigv4_upstream, start_p
     assert code == 0
     code, _, err = await run_cli("health", "--url", f"http://127.0.0.1:{free_port()}/healthz")
     assert code == 1 and "refused" in err.lower()
+
+
+async def test_workers_share_the_port_sum_metrics_and_survive_a_crash(sigv4_upstream, tmp_path: Path) -> None:
+    port, admin = free_port(), free_port()
+    config = write_config(tmp_path / "c.yaml", sigv4_upstream.url, listen=port, admin_listen=admin, workers=2)
+    process = await start_process(config)
+    try:
+        workers = [int(pid) for pid in Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()]
+        assert len(workers) == 2
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as client:
+            for _ in range(20):
+                async with client.get(f"http://127.0.0.1:{port}/w") as r:
+                    assert r.status == 200
+        _, metrics = await get(f"http://127.0.0.1:{admin}/metrics")
+        assert 'signing_proxy_requests_total{method="GET",route="/",status_class="2xx"} 20.0' in metrics
+        os.kill(workers[1], signal.SIGKILL)  # a crashed worker is replaced; the port keeps answering
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as client:
+            for _ in range(20):
+                async with client.get(f"http://127.0.0.1:{port}/w") as r:
+                    assert r.status == 200
+        children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+        assert len(children) == 2 and str(workers[1]) not in children
+    finally:
+        code, err = await stop(process)
+    assert code == 0, err
+    assert "restarting it" in err
