@@ -10,6 +10,7 @@ with its path is exactly the code we would otherwise get wrong.
 from __future__ import annotations
 
 import ipaddress
+from functools import cached_property
 import os
 import re
 from pathlib import Path
@@ -247,11 +248,11 @@ class Route(_Frozen):
             raise ValueError(f"region: cannot be read from the host {self.upstream_host!r}; set region explicitly")
         return self
 
-    @property
+    @cached_property
     def upstream_scheme(self) -> str:
         return urlsplit(self.upstream).scheme
 
-    @property
+    @cached_property
     def upstream_host(self) -> str:
         """``host[:port]`` as sent in Host (default ports omitted)."""
         parts = urlsplit(self.upstream)
@@ -261,12 +262,12 @@ class Route(_Frozen):
             host = f"[{host}]"
         return host if parts.port in (None, default_port) else f"{host}:{parts.port}"
 
-    @property
+    @cached_property
     def upstream_path(self) -> str:
         path = urlsplit(self.upstream).path
         return normalize_path(path).rstrip("/") if path not in ("", "/") else ""
 
-    @property
+    @cached_property
     def resolved_region(self) -> str | None:
         return self.region or region_from_host(urlsplit(self.upstream).hostname or "")
 

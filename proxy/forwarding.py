@@ -90,6 +90,11 @@ def failed(exchange: Exchange, status: int, message: str, reason: str) -> web.Re
     return error_response(status, message, reason)
 
 
+def has_body(method: str, status: int) -> bool:
+    """Whether a response to ``method`` with ``status`` carries a body (RFC 9110 6.4.1)."""
+    return method != "HEAD" and status >= 200 and status not in (204, 304)
+
+
 def too_large_response(max_body: int) -> web.Response:
     """413, closing the connection: the rest of the body is never read."""
     response = error_response(
@@ -106,6 +111,10 @@ class RelayedResponse(web.StreamResponse):
     a relay must not invent them. (Date is added when missing, as RFC 9110
     asks of anything that forwards a response.)
     """
+
+    def hold_headers(self) -> None:
+        """Send the headers with the first body bytes instead of on their own."""
+        self._send_headers_immediately = False
 
     async def _prepare_headers(self) -> None:
         invented = [name for name in ("Server", "Content-Type") if name not in self.headers]
@@ -138,17 +147,31 @@ async def read_body(request: web.Request, max_body: int) -> tuple[bytes, str]:
 
 @dataclass(frozen=True, slots=True)
 class Timeouts:
+    """A route's per-phase timeouts (computed once per route)."""
+
     connect: float
     first_byte: float
     idle: float
+    # aiohttp's own timers for the connect and the gaps between body chunks (cheaper than ours)
+    client_timeout: aiohttp.ClientTimeout
 
     @classmethod
     def of(cls, route: Route) -> Timeouts:
-        return cls(
-            route.connect_timeout or min(route.timeout, 10.0),
-            route.first_byte_timeout or route.timeout,
-            route.idle_timeout or max(route.timeout, 300.0),
-        )
+        cached = _TIMEOUTS.get(id(route))
+        if cached is None or cached[0] is not route:
+            connect = route.connect_timeout or min(route.timeout, 10.0)
+            idle = route.idle_timeout or max(route.timeout, 300.0)
+            timeouts = cls(
+                connect,
+                route.first_byte_timeout or route.timeout,
+                idle,
+                aiohttp.ClientTimeout(total=None, sock_connect=connect, sock_read=idle),
+            )
+            cached = _TIMEOUTS[id(route)] = (route, timeouts)
+        return cached[1]
+
+
+_TIMEOUTS: dict[int, tuple[Route, Timeouts]] = {}  # routes are frozen: computed once per route object
 
 
 class Forwarder:
@@ -323,7 +346,7 @@ class Forwarder:
                     headers=headers,
                     data=body if (body or request.body_exists) else None,
                     allow_redirects=False,
-                    timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeouts.connect, sock_read=None),
+                    timeout=timeouts.client_timeout,
                 )
         except TimeoutError:
             return failed(
@@ -386,23 +409,38 @@ class Forwarder:
         exchange: Exchange,
         prefetched: bytes | None = None,
     ) -> web.StreamResponse:
-        """Stream the upstream response to the client as it arrives (or send ``prefetched``, its whole body)."""
+        """Stream the upstream response to the client as it arrives (or send ``prefetched``, its whole body).
+
+        Whatever body already arrived with the upstream's headers goes out in the
+        same write as our headers; a body that is already complete (most small
+        answers) goes out in one write, headers included. Each write is a system
+        call, the largest cost per request on loopback.
+        """
         response = RelayedResponse(status=upstream.status, reason=upstream.reason)
         drop = HOP_BY_HOP | connection_tokens(upstream.headers)
         for name, value in upstream.headers.items():
             if name.lower() not in drop:
                 response.headers.add(name, value)
+        content = upstream.content
+        if prefetched is None:
+            first, complete = content.read_nowait(), content.is_eof()
+        else:
+            first, complete = prefetched, True
+        if first or complete:
+            response.hold_headers()
+            if complete and "Content-Length" not in response.headers and has_body(request.method, upstream.status):
+                response.content_length = len(first)  # was chunked or close-delimited: now one plain body
         await response.prepare(request)
-        if prefetched is not None:
-            exchange.bytes_out = len(prefetched)
-            await response.write(prefetched)
-            await response.write_eof()
+        exchange.bytes_out = len(first)
+        if complete:
+            await response.write_eof(first)
             return response
+        if first:
+            await response.write(first)
         content = upstream.content
         try:
             while True:
-                async with asyncio.timeout(timeouts.idle):
-                    chunk = await content.readany()
+                chunk = await content.readany()  # sock_read bounds the wait (idle_timeout)
                 if not chunk:
                     break
                 exchange.bytes_out += len(chunk)

@@ -70,18 +70,33 @@ class Metrics:
             "signing_proxy_open_connections", "Client connections open to the proxy (sampled each second).",
             registry=registry, multiprocess_mode="livesum",
         )  # fmt: skip
+        self._requests_by_key: dict[tuple[str, str, int], Any] = {}
+        self._per_route: dict[str, tuple[Any, Any, Any, Any]] = {}
 
     def observe(self, exchange: Exchange) -> None:
         """Count one finished request."""
         route = exchange.route
-        self.requests.labels(route, exchange.method, f"{exchange.status // 100}xx").inc()
-        self.duration.labels(route).observe(exchange.duration)
+        key = (route, exchange.method, exchange.status // 100)
+        requests = self._requests_by_key.get(key)
+        if requests is None:  # labels() costs a lock and a dict walk: look each series up once
+            requests = self._requests_by_key[key] = self.requests.labels(route, key[1], f"{key[2]}xx")
+        requests.inc()
+        per_route = self._per_route.get(route)
+        if per_route is None:
+            per_route = self._per_route[route] = (
+                self.duration.labels(route),
+                self.upstream_first_byte.labels(route),
+                self.bytes_in.labels(route),
+                self.bytes_out.labels(route),
+            )
+        duration, first_byte, bytes_in, bytes_out = per_route
+        duration.observe(exchange.duration)
         if exchange.upstream_first_byte is not None:
-            self.upstream_first_byte.labels(route).observe(exchange.upstream_first_byte)
+            first_byte.observe(exchange.upstream_first_byte)
         if exchange.bytes_in:
-            self.bytes_in.labels(route).inc(exchange.bytes_in)
+            bytes_in.inc(exchange.bytes_in)
         if exchange.bytes_out:
-            self.bytes_out.labels(route).inc(exchange.bytes_out)
+            bytes_out.inc(exchange.bytes_out)
         if exchange.error_kind:
             self.upstream_errors.labels(route, exchange.error_kind).inc()
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -33,6 +34,9 @@ _HEX = b"0123456789ABCDEF"
 _HEXDIGITS = frozenset(b"0123456789abcdefABCDEF")
 # One entry per byte value: the byte itself when unreserved, else its %XX form.
 _ENCODED_BYTE = tuple(chr(b) if b in _UNRESERVED else "%" + chr(_HEX[b >> 4]) + chr(_HEX[b & 15]) for b in range(256))
+
+
+_PLAIN_PATH = re.compile(r"/[A-Za-z0-9\-_.~/]*")
 
 
 def uri_encode(raw: bytes) -> str:
@@ -84,6 +88,8 @@ def remove_dot_segments(raw_path: str) -> str:
 
 def normalize_path(raw_path: str) -> str:
     """The wire form of a client's raw (still encoded) path; see the module docstring."""
+    if _PLAIN_PATH.fullmatch(raw_path) and "//" not in raw_path and "/." not in raw_path:
+        return raw_path  # already normal: the common case, answered without splitting
     # Segments are re-encoded first, so "%2E%2E" counts as ".." just as a server reads it.
     return remove_dot_segments("/".join(_normalize_segment(segment) for segment in raw_path.split("/")))
 
