@@ -10,9 +10,9 @@ with its path is exactly the code we would otherwise get wrong.
 from __future__ import annotations
 
 import ipaddress
-from functools import cached_property
 import os
 import re
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
