@@ -74,7 +74,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from .workers import bind_sockets, supervise, use_multiprocess_metrics
 
-    use_multiprocess_metrics()  # before prometheus-client is first imported, by .server
+    try:
+        use_multiprocess_metrics()  # before prometheus-client is first imported, by .server
+    except OSError as error:  # a read-only file system with no writable temporary directory
+        print(
+            f"signing-proxy: workers need a writable temporary directory (TMPDIR) to share metrics: {error}",
+            file=sys.stderr,
+        )
+        return 1
     host, port = config.listen
     try:
         sockets = bind_sockets(host, port, count)

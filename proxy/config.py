@@ -114,6 +114,18 @@ def parse_listen(value: Any) -> tuple[str, int]:
     return host or "127.0.0.1", int(port_text)
 
 
+def usable_cores(cgroup_cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
+    """Cores this process may use: its CPU affinity, capped by a container's CPU quota (cgroup v2)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path(cgroup_cpu_max).read_text().split()[:2]
+    except (OSError, ValueError):
+        return cores
+    if quota == "max":
+        return cores
+    return max(1, min(cores, -(-int(quota) // int(period))))  # a 1.5-CPU limit gets 2 workers
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -330,9 +342,7 @@ class Config(_Frozen):
     @property
     def worker_count(self) -> int:
         """``workers`` as a number: ``auto`` is one per core this process may use."""
-        if self.workers != "auto":
-            return int(self.workers)
-        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return int(self.workers) if self.workers != "auto" else usable_cores()
 
     def source(self, name: str) -> SourceConfig:
         return self.credentials.get(name) or DefaultChainSource(type="default")

@@ -180,3 +180,16 @@ def test_example_config_is_valid_and_documents_every_key() -> None:
                 f"{model.__name__}.{key} is not in config.example.yaml"
             )
     assert yaml.safe_load(text)
+
+
+def test_auto_workers_follow_a_container_cpu_quota(tmp_path: Path) -> None:
+    from proxy.config import usable_cores
+
+    all_cores = usable_cores(str(tmp_path / "missing"))
+    quota = tmp_path / "cpu.max"
+    quota.write_text("max 100000\n")
+    assert usable_cores(str(quota)) == all_cores
+    quota.write_text("50000 100000\n")
+    assert usable_cores(str(quota)) == 1
+    quota.write_text(f"{150000 * all_cores} 100000\n")
+    assert usable_cores(str(quota)) == all_cores
