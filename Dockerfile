@@ -9,7 +9,7 @@
 #
 # The image holds no configuration and no credentials. The config is a mounted file; credentials come
 # at run time from the environment, a read-only ~/.aws mount, or the platform (ECS task role, EKS IRSA
-# or Pod Identity). docs/container.md has the details; docker-compose.yml is a runnable example.
+# or Pod Identity). README.md ("Running in a container") has the details; docker-compose.yml is a runnable example.
 
 # ---- build: a wheel for the project and one for each dependency, resolved from pyproject.toml
 FROM python:3.12-slim-bookworm AS build
