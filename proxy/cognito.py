@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from . import srp
+from .aws import aws_client, call_aws
 from .config import CognitoGuestSource, CognitoSource
 from .credentials import (
     AwsCredentials,
@@ -44,7 +45,6 @@ from .credentials import (
     Refreshing,
     run_blocking,
 )
-from .sts import aws_client, call_aws
 
 log = logging.getLogger("signing_proxy.credentials")
 
@@ -73,6 +73,17 @@ UNSUPPORTED_CHALLENGES = {
     "MFA_SETUP": "MFA must be set up first: set it up with another client (the hosted UI), then log in again",
     "CUSTOM_CHALLENGE": "custom authentication challenges (Lambda triggers) are not supported",
 }
+# Password-login failures that retrying cannot fix (and, for a wrong password, would make worse).
+_FINAL_LOGIN_FAILURES = frozenset(
+    {
+        "NotAuthorizedException",
+        "UserNotFoundException",
+        "UserNotConfirmedException",
+        "PasswordResetRequiredException",
+        "challenge_required",
+        "unsupported_challenge",
+    }
+)
 _MAX_CHALLENGES = 8  # a login that keeps asking is a loop, not a login
 _UNSHOWN_PARAMETERS = frozenset({"USERNAME", "SRP_A", "TIMESTAMP", "DEVICE_KEY"})
 
@@ -86,9 +97,12 @@ def login_hint(name: str) -> str:
 
 @dataclass(frozen=True)
 class UserPoolTokens:
-    """What a user pool login gives. ``username`` is the pool's internal user name
-    (``cognito:username``: the sign-in name, or the sub when users sign in by email),
-    the one ``REFRESH_TOKEN_AUTH`` needs for ``SECRET_HASH``."""
+    """What a user pool login gives; the tokens never show in a ``repr``.
+
+    ``username`` is the pool's internal user name (``cognito:username``: the
+    sign-in name, or the sub when users sign in by e-mail), the one
+    ``REFRESH_TOKEN_AUTH`` needs for ``SECRET_HASH``.
+    """
 
     id_token: str = field(repr=False)
     access_token: str = field(repr=False)
@@ -191,13 +205,9 @@ class TokenCache:
         )
 
     def save(self, tokens: UserPoolTokens) -> Path:
-        """Write atomically with mode 0600; create the directory with mode 0700 if it is missing."""
+        """Write the refresh token (never the other tokens) for ``run`` to start from."""
         if not tokens.refresh_token:
             raise CredentialsUnavailable("Cognito returned no refresh token to cache", "no_refresh_token")
-        directory = self.path.parent
-        if not directory.exists():
-            directory.mkdir(parents=True, mode=0o700)
-            os.chmod(directory, 0o700)  # mkdir's mode is filtered by the umask
         record = {
             "version": 1,
             "user_pool_id": self.source.user_pool_id,
@@ -208,18 +218,31 @@ class TokenCache:
             "device_key": None,
             "saved_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         }
-        handle, temporary = tempfile.mkstemp(dir=directory, prefix=".token-", suffix=".tmp")  # mode 0600
-        try:
-            with os.fdopen(handle, "w", encoding="utf-8") as stream:
-                json.dump(record, stream)
-                stream.flush()
-                os.fsync(stream.fileno())
-            os.chmod(temporary, 0o600)
-            os.replace(temporary, self.path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        write_private(self.path, json.dumps(record))
         return self.path
+
+
+def write_private(path: Path, text: str) -> None:
+    """Replace ``path`` atomically with a 0600 file; create a missing directory with mode 0700.
+
+    The file is complete or absent (temporary file + rename), and never
+    readable by others, even for an instant, whatever the umask.
+    """
+    directory = path.parent
+    if not directory.exists():
+        directory.mkdir(parents=True, mode=0o700)
+        os.chmod(directory, 0o700)  # mkdir's mode is filtered by the umask
+    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".token-", suffix=".tmp")  # created 0600
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(text)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.chmod(temporary, 0o600)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
 
 
 # ---------------------------------------------------------------- the user pool
@@ -231,7 +254,8 @@ def refuse_challenges(name: str) -> ChallengeAnswerer:
     def refuse(challenge: str, parameters: dict[str, str]) -> dict[str, str]:
         wants = INTERACTIVE_CHALLENGES.get(challenge, "an answer")
         raise CredentialsUnavailable(
-            f"Cognito asks for {challenge} ({wants}), which needs a person: {login_hint(name)}, then restart",
+            f"Cognito asks for {challenge} ({wants}), which needs a person: {login_hint(name)}; "
+            "the running proxy picks the login up",
             "challenge_required",
         )
 
@@ -260,6 +284,7 @@ class UserPool:
         self._held: UserPoolTokens | None = None
         self._persist = False  # the held refresh token came from the cache: keep the file current
         self._refused: set[str] = set()  # hashes of refresh tokens Cognito refused
+        self._final_failure: tuple[str, str] | None = None  # (message, reason) of a refused password login
 
     # ------------------------------------------------------------ calls
 
@@ -315,21 +340,9 @@ class UserPool:
         """Answer the challenge in ``response``; return Cognito's next answer and the user name to use."""
         challenge = str(response.get("ChallengeName") or "")
         parameters = {str(k): str(v) for k, v in (response.get("ChallengeParameters") or {}).items()}
-        username = parameters.get("USERNAME") or parameters.get("USER_ID_FOR_SRP") or username
-        if challenge in UNSUPPORTED_CHALLENGES:
-            raise CredentialsUnavailable(
-                f"Cognito asks for {challenge}: {UNSUPPORTED_CHALLENGES[challenge]}", "unsupported_challenge"
-            )
-        if challenge == "PASSWORD_VERIFIER":
-            responses = self._password_verifier(parameters, password, a)
-        elif challenge in INTERACTIVE_CHALLENGES:
-            responses = answer(challenge, parameters)
-        else:
-            raise CredentialsUnavailable(
-                f"Cognito asks for {challenge or 'an unnamed challenge'}, which is not supported",
-                "unsupported_challenge",
-            )
-        responses = {**responses, "USERNAME": username, **self._secret_hash(username)}
+        username = parameters.get("USERNAME") or username  # Cognito may switch to the internal name
+        responses = self._answer(challenge, parameters, password, a, answer)
+        responses |= {"USERNAME": username, **self._secret_hash(username)}
         extra = {"Session": response["Session"]} if response.get("Session") else {}
         reply = self._call(
             "RespondToAuthChallenge",
@@ -340,6 +353,18 @@ class UserPool:
             **extra,
         )
         return reply, username
+
+    def _answer(
+        self, challenge: str, parameters: dict[str, str], password: str, a: int, answer: ChallengeAnswerer
+    ) -> dict[str, str]:
+        if challenge == "PASSWORD_VERIFIER":
+            return self._password_verifier(parameters, password, a)
+        if challenge in INTERACTIVE_CHALLENGES:
+            return answer(challenge, parameters)
+        why = UNSUPPORTED_CHALLENGES.get(challenge, "this challenge is not supported")
+        raise CredentialsUnavailable(
+            f"Cognito asks for {challenge or 'an unnamed challenge'}: {why}", "unsupported_challenge"
+        )
 
     def _password_verifier(self, parameters: dict[str, str], password: str, a: int) -> dict[str, str]:
         """The SRP proof of the password for a ``PASSWORD_VERIFIER`` challenge."""
@@ -415,8 +440,27 @@ class UserPool:
                 f"no password in the config and no usable refresh token in {self.cache.path}: {login_hint(self.name)}",
                 "login_required",
             )
-        tokens = self.login(self.source.password, refuse_challenges(self.name))
-        return self._keep(tokens, used=None, persist=False)
+        tokens = self._password_login(self.source.password)
+        # A user who ran `signing-proxy login` keeps a cache: replace the refused token in it.
+        return self._keep(tokens, used=None, persist=cached is not None)
+
+    def _password_login(self, password: str) -> UserPoolTokens:
+        """A headless login, not repeated once Cognito has refused the password or asked for a person.
+
+        Retrying a wrong password every backoff period would keep the user locked
+        out (Cognito locks after a few failures); a challenge will not go away by
+        itself. A restart, or a login cached by ``signing-proxy login``, clears this.
+        """
+        if self._final_failure is not None:
+            raise CredentialsUnavailable(*self._final_failure)
+        try:
+            return self.login(password, refuse_challenges(self.name))
+        except CredentialsUnavailable as error:
+            if error.reason not in _FINAL_LOGIN_FAILURES:
+                raise
+            message = f"{error} (not retried until the proxy restarts or `signing-proxy login` caches a login)"
+            self._final_failure = (message, error.reason)
+            raise CredentialsUnavailable(message, error.reason) from None
 
     def _try_refresh(self, refresh_token: str, username: str, origin: str) -> UserPoolTokens | None:
         try:

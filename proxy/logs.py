@@ -16,6 +16,9 @@ import time
 from dataclasses import dataclass
 
 access_log = logging.getLogger("signing_proxy.access")
+# Libraries kept at warning whatever log_level says: botocore at debug prints request
+# bodies, which carry passwords, secret hashes and tokens.
+NOISY_LOGGERS = ("botocore", "boto3", "urllib3")
 
 
 @dataclass(slots=True)
@@ -98,6 +101,5 @@ def setup_logging(level: str, log_format: str = "text") -> None:
     root.setLevel(getattr(logging, level.upper()))
     # aiohttp's own access and server logs would duplicate ours (and print full URLs).
     logging.getLogger("aiohttp").setLevel(max(logging.WARNING, root.level))
-    # botocore at debug prints request bodies, which carry passwords and tokens.
-    for noisy in ("botocore", "urllib3", "boto3"):
+    for noisy in NOISY_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.WARNING)
