@@ -275,6 +275,12 @@ class Route(_Frozen):
         return host if parts.port in (None, default_port) else f"{host}:{parts.port}"
 
     @cached_property
+    def upstream_address(self) -> tuple[str, str, int]:
+        """``(scheme, host, port)``: where connections for this route go."""
+        parts = urlsplit(self.upstream)
+        return parts.scheme, parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+
+    @cached_property
     def upstream_path(self) -> str:
         path = urlsplit(self.upstream).path
         return normalize_path(path).rstrip("/") if path not in ("", "/") else ""

@@ -7,9 +7,8 @@ arrives, so memory stays flat and server-sent events flow one by one.
 
 What goes upstream is the client's request minus hop-by-hop headers and the
 headers we own (Host, Authorization, X-Amz-Date, X-Amz-Security-Token,
-X-Amz-Content-Sha256), plus our signature. Nothing else is added: the client
-session is set up to invent no User-Agent, Accept, Accept-Encoding or
-Content-Type.
+X-Amz-Content-Sha256), plus our signature and the body's length. Nothing else
+is added: ``upstream`` writes exactly these headers.
 """
 
 from __future__ import annotations
@@ -25,10 +24,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
-from yarl import URL
 
 from . import signing
 from .config import Config, Route
@@ -36,6 +33,7 @@ from .credentials import CredentialsUnavailable, Provider
 from .logs import Exchange, access_log, log_access
 from .metrics import Metrics
 from .routing import Match, Router
+from .upstream import Pool, UpstreamError, UpstreamResponse
 
 log = logging.getLogger("signing_proxy.forwarding")
 
@@ -53,6 +51,8 @@ HOP_BY_HOP = frozenset(
         "proxy-authenticate",
     }
 )
+# Methods whose requests carry a length even when empty (servers may insist on one).
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 # Set by us from what we actually send; whatever the client had is dropped.
 OWNED_REQUEST_HEADERS = frozenset(
     {
@@ -66,7 +66,6 @@ OWNED_REQUEST_HEADERS = frozenset(
     }
 )
 # aiohttp's client would otherwise add these on its own.
-NO_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 CHUNK_SIZE = 64 * 1024
 
 
@@ -152,8 +151,6 @@ class Timeouts:
     connect: float
     first_byte: float
     idle: float
-    # aiohttp's own timers for the connect and the gaps between body chunks (cheaper than ours)
-    client_timeout: aiohttp.ClientTimeout
 
     @classmethod
     def of(cls, route: Route) -> Timeouts:
@@ -161,12 +158,7 @@ class Timeouts:
         if cached is None or cached[0] is not route:
             connect = route.connect_timeout or min(route.timeout, 10.0)
             idle = route.idle_timeout or max(route.timeout, 300.0)
-            timeouts = cls(
-                connect,
-                route.first_byte_timeout or route.timeout,
-                idle,
-                aiohttp.ClientTimeout(total=None, sock_connect=connect, sock_read=idle),
-            )
+            timeouts = cls(connect, route.first_byte_timeout or route.timeout, idle)
             cached = _TIMEOUTS[id(route)] = (route, timeouts)
         return cached[1]
 
@@ -181,14 +173,14 @@ class Forwarder:
         self,
         config: Config,
         providers: dict[str, Provider],
-        session: aiohttp.ClientSession,
+        pool: Pool,
         metrics: Metrics | None = None,
     ) -> None:
         self.config = config
         self.metrics = metrics
         self.router = Router(config.routes)
         self.providers = providers
-        self.session = session
+        self.pool = pool
         self.clock_offset = 0.0  # seconds to add to our clock when signing (skew correction)
 
     # ------------------------------------------------------------ request side
@@ -320,57 +312,39 @@ class Forwarder:
             return error_response(
                 503, f"credentials {route.credentials!r} are unavailable: {error}", error.reason, **{"Retry-After": "5"}
             )
-        url = URL(
-            f"{route.upstream_scheme}://{route.upstream_host}{match.upstream_path}"
-            + (f"?{query.wire}" if query.wire else ""),
-            encoded=True,
-        )
-        return await self._exchange(request, route, url, headers, body, exchange)
+        target = match.upstream_path + (f"?{query.wire}" if query.wire else "")
+        return await self._exchange(request, route, target, headers, body, exchange)
 
     async def _exchange(
         self,
         request: web.Request,
         route: Route,
-        url: URL,
+        target: str,
         headers: CIMultiDict[str],
         body: bytes,
         exchange: Exchange,
     ) -> web.StreamResponse:
         timeouts = Timeouts.of(route)
+        if body or request.body_exists or request.method in BODY_METHODS:
+            headers["Content-Length"] = str(len(body))
         sent = time.monotonic()
         try:
             async with asyncio.timeout(timeouts.connect + timeouts.first_byte):
-                upstream = await self.session.request(
-                    request.method,
-                    url,
-                    headers=headers,
-                    data=body if (body or request.body_exists) else None,
-                    allow_redirects=False,
-                    timeout=timeouts.client_timeout,
-                )
+                upstream = await self.pool.request(
+                    request.method, route.upstream_address, target, headers.items(), body,
+                    connect_timeout=timeouts.connect,
+                )  # fmt: skip
         except TimeoutError:
             return failed(
                 exchange,
                 504,
-                f"{url.host} did not answer within {timeouts.connect + timeouts.first_byte:g}s; "
+                f"{route.upstream_host} did not answer within {timeouts.connect + timeouts.first_byte:g}s; "
                 "raise the route's timeout if it is slow",
                 "upstream_timeout",
             )
-        except aiohttp.ClientConnectorError as error:
-            return failed(
-                exchange,
-                502,
-                f"cannot connect to {url.host}:{url.port}: {error.strerror or error}",
-                "upstream_unreachable",
-            )
-        except aiohttp.ServerDisconnectedError:
-            return failed(exchange, 502, f"{url.host} closed the connection without answering", "upstream_disconnected")
-        except aiohttp.ClientResponseError as error:
-            return failed(
-                exchange, 502, f"{url.host} sent a malformed response: {error.message}", "upstream_bad_response"
-            )
-        except aiohttp.ClientError as error:
-            return failed(exchange, 502, f"error talking to {url.host}: {type(error).__name__}", "upstream_error")
+        except UpstreamError as error:
+            return failed(exchange, 502, f"{route.upstream_host}: {error}", error.reason)
+        upstream.idle_timeout = timeouts.idle
         exchange.upstream_first_byte = time.monotonic() - sent
         try:
             prefetched = await self._check_clock_skew(route, upstream) if upstream.status == 403 else None
@@ -381,7 +355,7 @@ class Forwarder:
         upstream.release()  # back to the pool when the body was read to the end, closed otherwise
         return response
 
-    async def _check_clock_skew(self, route: Route, upstream: aiohttp.ClientResponse) -> bytes | None:
+    async def _check_clock_skew(self, route: Route, upstream: UpstreamResponse) -> bytes | None:
         """Read a small 403 body; when AWS says our time is off, correct the signing clock by its Date.
 
         Returns the body read (to relay as it is), or None when it was left unread.
@@ -404,7 +378,7 @@ class Forwarder:
     async def _relay(
         self,
         request: web.Request,
-        upstream: aiohttp.ClientResponse,
+        upstream: UpstreamResponse,
         timeouts: Timeouts,
         exchange: Exchange,
         prefetched: bytes | None = None,
@@ -421,9 +395,8 @@ class Forwarder:
         for name, value in upstream.headers.items():
             if name.lower() not in drop:
                 response.headers.add(name, value)
-        content = upstream.content
         if prefetched is None:
-            first, complete = content.read_nowait(), content.is_eof()
+            first, complete = upstream.read_nowait(), upstream.is_eof()
         else:
             first, complete = prefetched, True
         if first or complete:
@@ -437,15 +410,14 @@ class Forwarder:
             return response
         if first:
             await response.write(first)
-        content = upstream.content
         try:
             while True:
-                chunk = await content.readany()  # sock_read bounds the wait (idle_timeout)
+                chunk = await upstream.readany()  # idle_timeout bounds each wait
                 if not chunk:
                     break
                 exchange.bytes_out += len(chunk)
                 await response.write(chunk)
-        except (aiohttp.ClientError, TimeoutError) as error:
+        except (UpstreamError, TimeoutError) as error:
             # The body is cut short: abort the client connection so it cannot
             # mistake what it got for the whole body.
             kind = "upstream_idle_timeout" if isinstance(error, TimeoutError) else "upstream_body_cut"

@@ -8,14 +8,14 @@ import signal
 import socket
 from collections.abc import Callable
 
-import aiohttp
 from aiohttp import web
 
 from .admin import admin_app
 from .config import Config, ConfigError, is_loopback
 from .credentials import CredentialsUnavailable, Provider, build_providers
-from .forwarding import NO_AUTO_HEADERS, Forwarder, error_response, too_large_response
+from .forwarding import Forwarder, error_response, too_large_response
 from .metrics import Metrics
+from .upstream import Pool
 
 log = logging.getLogger("signing_proxy")
 
@@ -33,18 +33,6 @@ def accept_raw_utf8_in_request_lines() -> None:
     web_protocol.HttpRequestParser = http_parser.HttpRequestParserPy  # type: ignore[misc]
 
 
-def client_session() -> aiohttp.ClientSession:
-    """The upstream client: pooled keep-alive, no cookie jar, no decompression, no invented headers."""
-    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True)
-    return aiohttp.ClientSession(
-        connector=connector,
-        cookie_jar=aiohttp.DummyCookieJar(),
-        auto_decompress=False,
-        skip_auto_headers=NO_AUTO_HEADERS,
-        timeout=aiohttp.ClientTimeout(total=None),
-    )
-
-
 class ProxyServer:
     """One running proxy. ``await start()`` binds and warms credentials; ``await close()`` drains and stops.
 
@@ -60,7 +48,7 @@ class ProxyServer:
         self._sock = sock
         self._runner: web.AppRunner | None = None
         self._admin_runner: web.AppRunner | None = None
-        self._session: aiohttp.ClientSession | None = None
+        self._pool = Pool()
         self._warmups: set[asyncio.Task[None]] = set()
         self.forwarder: Forwarder | None = None
         self.host, self.port = config.listen
@@ -88,8 +76,7 @@ class ProxyServer:
 
     async def start(self) -> None:
         accept_raw_utf8_in_request_lines()
-        self._session = client_session()
-        self.forwarder = Forwarder(self.config, self.providers, self._session, self.metrics)
+        self.forwarder = Forwarder(self.config, self.providers, self._pool, self.metrics)
         app = web.Application(client_max_size=self.config.max_body)
         app.router.add_route("*", "/{tail:.*}", self._dispatch, expect_handler=self._expect)
         self._runner = web.AppRunner(
@@ -159,10 +146,9 @@ class ProxyServer:
         for name in fresh:
             if name in self.providers and source_chain(self.config, name) == source_chain(config, name):
                 fresh[name] = self.providers[name]
-        assert self._session is not None
         self.config, self.providers = config, fresh
         previous = self.forwarder
-        self.forwarder = Forwarder(config, fresh, self._session, self.metrics)
+        self.forwarder = Forwarder(config, fresh, self._pool, self.metrics)
         if previous is not None:
             self.forwarder.clock_offset = previous.clock_offset
         self._warm_all()
@@ -177,8 +163,7 @@ class ProxyServer:
             await self._runner.cleanup()
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
-        if self._session is not None:
-            await self._session.close()
+        self._pool.close()
 
 
 def source_chain(config: Config, name: str) -> list[object]:

@@ -1,0 +1,488 @@
+"""The upstream client: HTTP/1.1 over pooled keep-alive connections, and nothing else.
+
+A general client (aiohttp's) spends most of a small proxied request on work a
+relay does not need: URL objects, cookie jars, redirects, tracing, default
+headers, re-parsing what we already built. Here a request is one buffer
+written to a pooled connection, and the response is parsed just enough to
+frame its body (Content-Length, chunked, or until close), which is handed on
+chunk by chunk. Reading pauses when the client falls behind, so memory stays
+bounded whatever the size.
+
+A request is sent again on a fresh connection only when a pooled connection
+turns out to have been closed by the upstream before a single response byte
+came back, and only for idempotent methods: a POST is never replayed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections import deque
+from collections.abc import Iterable
+from typing import Any
+
+from multidict import CIMultiDict
+
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+HIGH_WATER = 1 << 20  # pause reading from the upstream above this much unread body
+MAX_HEAD = 64 * 1024  # status line and headers
+IDLE_KEEP = 30.0  # seconds an unused pooled connection is kept
+
+
+class UpstreamError(Exception):
+    """The upstream could not be talked to; ``reason`` says how, for the error body."""
+
+    reason = "upstream_error"
+
+
+class ConnectError(UpstreamError):
+    reason = "upstream_unreachable"
+
+
+class Disconnected(UpstreamError):
+    reason = "upstream_disconnected"
+
+
+class BadResponse(UpstreamError):
+    reason = "upstream_bad_response"
+
+
+class BodyCut(UpstreamError):
+    """The body ended before its framing said it would."""
+
+    reason = "upstream_body_cut"
+
+
+class _Connection(asyncio.Protocol):
+    """One upstream connection; parses responses and buffers body bytes for the reader."""
+
+    def __init__(self, pool: Pool, key: tuple[str, str, int]) -> None:
+        self.pool = pool
+        self.key = key
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.response: UpstreamResponse | None = None
+        self.head = bytearray()
+        self.used = 0  # requests sent on this connection
+        self.idle_handle: asyncio.TimerHandle | None = None
+
+    # ------------------------------------------------------------ asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        response = self.response
+        if response is None:
+            self._abort()  # bytes nobody asked for: this connection is no longer trustworthy
+            return
+        if response.headers_done:
+            response.feed_body(data)
+            return
+        self.head += data
+        end = self.head.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self.head) > MAX_HEAD:
+                response.fail(BadResponse("the response headers are larger than 64 KiB"))
+                self._abort()
+            return
+        head, rest = bytes(self.head[:end]), bytes(self.head[end + 4 :])
+        self.head.clear()
+        try:
+            interim = response.parse_head(head)
+        except BadResponse as error:
+            response.fail(error)
+            self._abort()
+            return
+        if interim:  # 1xx: the real response follows
+            if rest:
+                self.data_received(rest)
+            return
+        response.feed_body(rest)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pool.forget(self)
+        if self.response is not None:
+            self.response.connection_lost()
+
+    def pause_writing(self) -> None:  # request bodies are written whole; nothing to pause
+        pass
+
+    def resume_writing(self) -> None:
+        pass
+
+    # ------------------------------------------------------------ used by the pool and the response
+
+    def _abort(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def finished(self, reusable: bool) -> None:
+        """The response is done: back to the pool when it can carry another request."""
+        self.response = None
+        if reusable and not self.closed and self.transport is not None and not self.transport.is_closing():
+            self.pool.park(self)
+        else:
+            self._abort()
+
+
+class UpstreamResponse:
+    """Status, headers and a body read chunk by chunk (``readany``)."""
+
+    def __init__(self, connection: _Connection, method: str) -> None:
+        self.connection = connection
+        self.method = method
+        self.status = 0
+        self.reason = ""
+        self.headers: CIMultiDict[str] = CIMultiDict()
+        self.content_length: int | None = None
+        self.headers_done = False
+        self.received_any = False
+        self.idle_timeout: float | None = None  # the longest wait for more body bytes
+        self._head_waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._chunks: deque[bytes] = deque()
+        self._buffered = 0
+        self._body_waiter: asyncio.Future[None] | None = None
+        self._eof = False
+        self._error: Exception | None = None
+        self._keep_alive = True
+        self._remaining: int | None = None  # Content-Length left to read
+        self._chunked = False
+        self._chunk_state = _ChunkDecoder()
+        self._until_close = False
+        self._paused = False
+
+    # ------------------------------------------------------------ parsing (called by the connection)
+
+    def parse_head(self, head: bytes) -> bool:
+        """Parse the status line and headers; True for a 1xx interim answer (ignored)."""
+        self.received_any = True
+        lines = head.split(b"\r\n")
+        status_line = lines[0].decode("latin-1")
+        version, _, rest = status_line.partition(" ")
+        code, _, reason = rest.partition(" ")
+        if not version.startswith("HTTP/1.") or len(code) != 3 or not code.isdigit():
+            raise BadResponse(f"not an HTTP/1.x status line: {status_line[:80]!r}")
+        status = int(code)
+        if 100 <= status < 200 and status != 101:
+            return True
+        headers: CIMultiDict[str] = CIMultiDict()
+        for line in lines[1:]:
+            name, colon, value = line.partition(b":")
+            if not colon or not name or name != name.strip() or b" " in name:
+                raise BadResponse(f"malformed header line {line[:80]!r}")
+            headers.add(name.decode("latin-1"), value.strip().decode("latin-1"))
+        self.status, self.reason, self.headers = status, reason, headers
+        connection = headers.get("Connection", "").lower()
+        self._keep_alive = version == "HTTP/1.1" and "close" not in connection
+        if self.method == "HEAD" or status in (204, 304):
+            self._finish_body()
+        elif "chunked" in headers.get("Transfer-Encoding", "").lower():
+            self._chunked = True
+        elif "Content-Length" in headers:
+            try:
+                length = int(headers["Content-Length"])
+                if length < 0:
+                    raise ValueError
+            except ValueError:
+                raise BadResponse(f"invalid Content-Length {headers['Content-Length']!r}") from None
+            self.content_length = self._remaining = length
+            if length == 0:
+                self._finish_body()
+        else:
+            self._until_close = True
+            self._keep_alive = False
+        self.headers_done = True
+        if not self._head_waiter.done():
+            self._head_waiter.set_result(None)
+        return False
+
+    def feed_body(self, data: bytes) -> None:
+        if not data or self._eof:
+            if data and self._eof:
+                self._keep_alive = False  # more bytes than the framing allowed
+            return
+        if self._chunked:
+            try:
+                pieces, done = self._chunk_state.feed(data)
+            except ValueError as error:
+                self.fail(BadResponse(str(error)))
+                self.connection._abort()
+                return
+            for piece in pieces:
+                self._push(piece)
+            if done:
+                self._finish_body()
+        elif self._remaining is not None:
+            piece = data[: self._remaining]
+            self._remaining -= len(piece)
+            self._push(piece)
+            if len(piece) < len(data):
+                self._keep_alive = False
+            if self._remaining == 0:
+                self._finish_body()
+        else:
+            self._push(data)
+
+    def _push(self, piece: bytes) -> None:
+        if not piece:
+            return
+        self._chunks.append(piece)
+        self._buffered += len(piece)
+        if self._buffered > HIGH_WATER and not self._paused and self.connection.transport is not None:
+            self._paused = True
+            self.connection.transport.pause_reading()
+        self._wake()
+
+    def _finish_body(self) -> None:
+        """The whole body has arrived; the connection goes back once the reader has it all (``release``)."""
+        self._eof = True
+        self._wake()
+
+    def connection_lost(self) -> None:
+        if not self.received_any:
+            self.fail(Disconnected("the upstream closed the connection without answering"))
+        elif not self.headers_done:
+            self.fail(BadResponse("the upstream closed the connection in the middle of the headers"))
+        elif self._until_close:
+            self._eof = True
+            self._wake()
+        elif not self._eof:
+            self.fail(BodyCut("the upstream closed the connection before the end of the body"))
+
+    def fail(self, error: Exception) -> None:
+        if self._error is None and not (self._eof and self.headers_done):
+            self._error = error
+        if not self._head_waiter.done():
+            self._head_waiter.set_exception(error)
+            self._head_waiter.exception()  # retrieved: the sender may already have given up
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._body_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # ------------------------------------------------------------ reading (called by the relay)
+
+    async def wait_head(self) -> None:
+        await self._head_waiter
+
+    def read_nowait(self) -> bytes:
+        """Whatever body has arrived, without waiting."""
+        if not self._chunks:
+            return b""
+        data = self._chunks.popleft() if len(self._chunks) == 1 else b"".join(self._chunks)
+        self._chunks.clear()
+        self._buffered = 0
+        self._consumed()
+        return data
+
+    def is_eof(self) -> bool:
+        """True once the whole body has arrived and been read."""
+        return self._eof and not self._chunks
+
+    async def readany(self) -> bytes:
+        """The next body bytes; b"" at the end; raises ``BodyCut`` when the body is cut short."""
+        while not self._chunks:
+            if self._error is not None:
+                raise self._error
+            if self._eof:
+                self.release()
+                return b""
+            self._body_waiter = asyncio.get_running_loop().create_future()
+            try:
+                async with asyncio.timeout(self.idle_timeout):
+                    await self._body_waiter
+            finally:
+                self._body_waiter = None
+        data = self._chunks.popleft()
+        self._buffered -= len(data)
+        self._consumed()
+        return data
+
+    async def read(self) -> bytes:
+        parts = []
+        while chunk := await self.readany():
+            parts.append(chunk)
+        return b"".join(parts)
+
+    def _consumed(self) -> None:
+        if self._paused and self._buffered < HIGH_WATER // 2 and self.connection.transport is not None:
+            self._paused = False
+            self.connection.transport.resume_reading()
+
+    def release(self) -> None:
+        """Done with this response: the connection goes back to the pool if the body was read whole."""
+        connection = self.connection
+        if connection.response is self:
+            connection.finished(self._keep_alive and self._eof and not self._chunks and self._error is None)
+
+    def close(self) -> None:
+        """Give up on this response: its connection is closed, never reused half-read."""
+        connection = self.connection
+        if connection.response is self:
+            connection.response = None
+            connection._abort()
+
+
+class _ChunkDecoder:
+    """Incremental ``Transfer-Encoding: chunked`` decoding."""
+
+    def __init__(self) -> None:
+        self.buffer = b""
+        self.remaining = 0  # bytes of chunk data still to come
+        self.state = "size"  # size | data | data_crlf | trailers
+
+    def feed(self, data: bytes) -> tuple[list[bytes], bool]:
+        pieces: list[bytes] = []
+        buffer = self.buffer + data if self.buffer else data
+        self.buffer = b""
+        position = 0
+        while position < len(buffer):
+            if self.state == "data":
+                piece = buffer[position : position + self.remaining]
+                pieces.append(piece)
+                position += len(piece)
+                self.remaining -= len(piece)
+                if self.remaining == 0:
+                    self.state = "data_crlf"
+                continue
+            end = buffer.find(b"\r\n", position)
+            if end < 0:
+                self.buffer = buffer[position:]
+                if len(self.buffer) > 4096:
+                    raise ValueError("a chunk-size or trailer line longer than 4 KiB")
+                break
+            line = buffer[position:end]
+            position = end + 2
+            if self.state == "data_crlf":
+                if line:
+                    raise ValueError("chunk data longer than its declared size")
+                self.state = "size"
+            elif self.state == "size":
+                size_text = line.split(b";", 1)[0].strip()
+                try:
+                    size = int(size_text, 16)
+                except ValueError:
+                    raise ValueError(f"invalid chunk size {size_text[:20]!r}") from None
+                if size == 0:
+                    self.state = "trailers"
+                else:
+                    self.remaining, self.state = size, "data"
+            elif self.state == "trailers" and not line:
+                return pieces, True
+        return pieces, False
+
+
+class Pool:
+    """Keep-alive connections per (scheme, host, port)."""
+
+    def __init__(self, ssl_context: ssl.SSLContext | None = None) -> None:
+        self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
+        self._ssl = ssl_context
+        self._all: set[_Connection] = set()
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        if self._ssl is None:
+            self._ssl = ssl.create_default_context()
+        return self._ssl
+
+    def park(self, connection: _Connection) -> None:
+        self._idle.setdefault(connection.key, []).append(connection)
+        loop = asyncio.get_running_loop()
+        connection.idle_handle = loop.call_later(IDLE_KEEP, connection._abort)
+
+    def forget(self, connection: _Connection) -> None:
+        self._all.discard(connection)
+        idle = self._idle.get(connection.key)
+        if idle and connection in idle:
+            idle.remove(connection)
+
+    def _take_idle(self, key: tuple[str, str, int]) -> _Connection | None:
+        idle = self._idle.get(key)
+        while idle:
+            connection = idle.pop()
+            if connection.idle_handle is not None:
+                connection.idle_handle.cancel()
+                connection.idle_handle = None
+            if not connection.closed and connection.transport is not None and not connection.transport.is_closing():
+                return connection
+        return None
+
+    async def _connect(self, key: tuple[str, str, int], timeout: float) -> _Connection:
+        scheme, host, port = key
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(timeout):
+                _, connection = await loop.create_connection(
+                    lambda: _Connection(self, key),
+                    host,
+                    port,
+                    ssl=self._ssl_context() if scheme == "https" else None,
+                    server_hostname=host if scheme == "https" else None,
+                )
+        except TimeoutError:
+            raise
+        except (OSError, ssl.SSLError) as error:
+            raise ConnectError(f"cannot connect to {host}:{port}: {error.strerror or error}") from None
+        self._all.add(connection)
+        return connection
+
+    async def request(
+        self,
+        method: str,
+        key: tuple[str, str, int],
+        target: str,
+        headers: Iterable[tuple[str, str]],
+        body: bytes,
+        *,
+        connect_timeout: float,
+    ) -> UpstreamResponse:
+        """Send one request; return once the response headers have arrived.
+
+        Raises ``UpstreamError`` subclasses, or ``TimeoutError`` from the connect.
+        The caller bounds the wait for the headers (``asyncio.timeout``).
+        """
+        lines = [f"{method} {target} HTTP/1.1\r\n"]
+        lines += [f"{name}: {value}\r\n" for name, value in headers]
+        lines.append("\r\n")
+        head = "".join(lines).encode("utf-8", "surrogateescape")  # header bytes as the client sent them
+        message = head + body if len(body) < 64 * 1024 else None
+        for attempt in (1, 2):
+            connection = self._take_idle(key)
+            reused = connection is not None
+            if connection is None:
+                connection = await self._connect(key, connect_timeout)
+            response = UpstreamResponse(connection, method)
+            connection.response = response
+            connection.used += 1
+            transport = connection.transport
+            assert transport is not None
+            if message is not None:
+                transport.write(message)
+            else:
+                transport.writelines((head, body))
+            try:
+                await response.wait_head()
+                return response
+            except Disconnected:
+                # A pooled connection the upstream had closed while idle: only a request
+                # that may safely run twice is sent again, on a fresh connection.
+                if not (reused and attempt == 1 and method in IDEMPOTENT):
+                    raise
+            except BaseException:
+                response.close()
+                raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def close(self) -> None:
+        for connection in list(self._all):
+            connection._abort()
+        self._all.clear()
+        self._idle.clear()
+
+    def stats(self) -> dict[str, Any]:
+        return {"open": len(self._all), "idle": sum(len(v) for v in self._idle.values())}
