@@ -115,7 +115,7 @@ def main() -> None:
     upstream = subprocess.Popen([sys.executable, __file__, "--upstream-only", str(upstream_port), str(size)], env=env)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as config:
         config.write(
-            f"listen: 127.0.0.1:{proxy_port}\nlog_level: warning\n"
+            f"listen: 127.0.0.1:{proxy_port}\nlog_level: warning\nworkers: 1\n"
             "credentials:\n  bench: {type: static, access_key_id: AKIDBENCH, secret_access_key: bench-secret}\n"
             f"routes:\n  - {{upstream: 'http://127.0.0.1:{upstream_port}', region: us-east-1, credentials: bench}}\n"
         )

@@ -13,7 +13,6 @@ is added: ``upstream`` writes exactly these headers.
 
 from __future__ import annotations
 
-import asyncio
 import email.utils
 import hashlib
 import hmac
@@ -33,7 +32,7 @@ from .credentials import CredentialsUnavailable, Provider
 from .logs import Exchange, access_log, log_access
 from .metrics import Metrics
 from .routing import Match, Router
-from .upstream import Pool, UpstreamError, UpstreamResponse
+from .upstream import ConnectTimeout, FirstByteTimeout, Pool, UpstreamError, UpstreamResponse
 
 log = logging.getLogger("signing_proxy.forwarding")
 
@@ -329,19 +328,15 @@ class Forwarder:
             headers["Content-Length"] = str(len(body))
         sent = time.monotonic()
         try:
-            async with asyncio.timeout(timeouts.connect + timeouts.first_byte):
-                upstream = await self.pool.request(
-                    request.method, route.upstream_address, target, headers.items(), body,
-                    connect_timeout=timeouts.connect,
-                )  # fmt: skip
-        except TimeoutError:
-            return failed(
-                exchange,
-                504,
-                f"{route.upstream_host} did not answer within {timeouts.connect + timeouts.first_byte:g}s; "
-                "raise the route's timeout if it is slow",
-                "upstream_timeout",
-            )
+            upstream = await self.pool.request(
+                request.method, route.upstream_address, target, headers.items(), body,
+                connect_timeout=timeouts.connect, first_byte_timeout=timeouts.first_byte,
+            )  # fmt: skip
+        except (ConnectTimeout, FirstByteTimeout) as error:
+            advice = "raise the route's connect_timeout" if isinstance(error, ConnectTimeout) else (
+                "raise the route's timeout (or first_byte_timeout) if it is slow"
+            )  # fmt: skip
+            return failed(exchange, 504, f"{route.upstream_host}: {error}; {advice}", error.reason)
         except UpstreamError as error:
             return failed(exchange, 502, f"{route.upstream_host}: {error}", error.reason)
         upstream.idle_timeout = timeouts.idle

@@ -16,6 +16,7 @@ from .credentials import CredentialsUnavailable, Provider, build_providers
 from .forwarding import Forwarder, error_response, too_large_response
 from .metrics import Metrics
 from .upstream import Pool
+from .websocket import close_websockets
 
 log = logging.getLogger("signing_proxy")
 
@@ -78,6 +79,7 @@ class ProxyServer:
         accept_raw_utf8_in_request_lines()
         self.forwarder = Forwarder(self.config, self.providers, self._pool, self.metrics)
         app = web.Application(client_max_size=self.config.max_body)
+        app.on_shutdown.append(close_websockets)  # 1001 both ways, instead of waiting out the grace period
         app.router.add_route("*", "/{tail:.*}", self._dispatch, expect_handler=self._expect)
         self._runner = web.AppRunner(
             app, access_log=None, handler_cancellation=True, shutdown_timeout=self.config.shutdown_grace

@@ -39,6 +39,14 @@ class ConnectError(UpstreamError):
     reason = "upstream_unreachable"
 
 
+class ConnectTimeout(UpstreamError):
+    reason = "upstream_connect_timeout"
+
+
+class FirstByteTimeout(UpstreamError):
+    reason = "upstream_timeout"
+
+
 class Disconnected(UpstreamError):
     reason = "upstream_disconnected"
 
@@ -425,7 +433,7 @@ class Pool:
                     server_hostname=host if scheme == "https" else None,
                 )
         except TimeoutError:
-            raise
+            raise ConnectTimeout(f"cannot connect to {host}:{port} within {timeout:g}s") from None
         except (OSError, ssl.SSLError) as error:
             raise ConnectError(f"cannot connect to {host}:{port}: {error.strerror or error}") from None
         self._all.add(connection)
@@ -440,11 +448,13 @@ class Pool:
         body: bytes,
         *,
         connect_timeout: float,
+        first_byte_timeout: float,
     ) -> UpstreamResponse:
         """Send one request; return once the response headers have arrived.
 
-        Raises ``UpstreamError`` subclasses, or ``TimeoutError`` from the connect.
-        The caller bounds the wait for the headers (``asyncio.timeout``).
+        Each phase has its own deadline: connecting, then waiting for the
+        response headers once the request is sent. Raises ``UpstreamError``
+        subclasses, ``ConnectTimeout`` and ``FirstByteTimeout`` included.
         """
         lines = [f"{method} {target} HTTP/1.1\r\n"]
         lines += [f"{name}: {value}\r\n" for name, value in headers]
@@ -466,8 +476,12 @@ class Pool:
             else:
                 transport.writelines((head, body))
             try:
-                await response.wait_head()
+                async with asyncio.timeout(first_byte_timeout):
+                    await response.wait_head()
                 return response
+            except TimeoutError:
+                response.close()
+                raise FirstByteTimeout(f"no response within {first_byte_timeout:g}s") from None
             except Disconnected:
                 # A pooled connection the upstream had closed while idle: only a request
                 # that may safely run twice is sent again, on a fresh connection.
