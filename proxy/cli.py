@@ -63,9 +63,10 @@ def run_loop(main: Coroutine[Any, Any, None]) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     config = load(args)
-    setup_logging(config.log_level, config.log_format)
     reload = (lambda: load(args)) if args.config else None
     count = config.worker_count
+    # The process that serves batches its log writes; a supervisor (no event loop) does not.
+    setup_logging(config.log_level, config.log_format, batched=count == 1)
     if count == 1:
         from .server import ProxyServer, serve_forever
 
@@ -91,6 +92,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .server import ProxyServer, serve_forever
 
     def serve(index: int, sock: socket.socket) -> int:
+        setup_logging(config.log_level, config.log_format, batched=True)
         run_loop(serve_forever(ProxyServer(config, sock=sock, worker=index), reload=reload, announce=False))
         return 0
 

@@ -14,6 +14,7 @@ from .admin import admin_app
 from .config import Config, ConfigError, is_loopback
 from .credentials import CredentialsUnavailable, Provider, build_providers
 from .forwarding import Forwarder, error_response, too_large_response
+from .logs import flush_periodically
 from .metrics import Metrics
 from .upstream import Pool
 from .websocket import close_websockets
@@ -55,6 +56,7 @@ class ProxyServer:
         self.host, self.port = config.listen
         self.admin_port: int | None = None
         self._sampler: asyncio.Task[None] | None = None
+        self._log_flusher: asyncio.Task[None] | None = None
 
     @property
     def url(self) -> str:
@@ -93,6 +95,7 @@ class ProxyServer:
         self.port = bound_port(site) or self.port
         self.metrics.watch(lambda: self.providers)
         self._sampler = asyncio.create_task(self._sample_connections())
+        self._log_flusher = asyncio.create_task(flush_periodically())
         if self.config.admin_listen is not None and self.worker == 0:
             await self._start_admin(*self.config.admin_listen)
         if not is_loopback(self.host) and not self.config.inbound_token:
@@ -158,7 +161,7 @@ class ProxyServer:
 
     async def close(self) -> None:
         """Stop accepting, give running requests ``shutdown_grace`` to finish, then close."""
-        for task in [*self._warmups, self._sampler]:
+        for task in [*self._warmups, self._sampler, self._log_flusher]:
             if task is not None:
                 task.cancel()
         if self._runner is not None:

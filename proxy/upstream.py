@@ -445,7 +445,7 @@ class Pool:
         key: tuple[str, str, int],
         target: str,
         headers: Iterable[tuple[str, str]],
-        body: bytes,
+        body: list[bytes],
         *,
         connect_timeout: float,
         first_byte_timeout: float,
@@ -460,7 +460,9 @@ class Pool:
         lines += [f"{name}: {value}\r\n" for name, value in headers]
         lines.append("\r\n")
         head = "".join(lines).encode("utf-8", "surrogateescape")  # header bytes as the client sent them
-        message = head + body if len(body) < 64 * 1024 else None
+        # Small requests go out in one write; large bodies without being copied into one buffer.
+        size = sum(len(part) for part in body)
+        message = b"".join((head, *body)) if size < 64 * 1024 else None
         for attempt in (1, 2):
             connection = self._take_idle(key)
             reused = connection is not None
@@ -474,7 +476,7 @@ class Pool:
             if message is not None:
                 transport.write(message)
             else:
-                transport.writelines((head, body))
+                transport.writelines((head, *body))
             try:
                 async with asyncio.timeout(first_byte_timeout):
                     await response.wait_head()
