@@ -10,6 +10,7 @@ with its path is exactly the code we would otherwise get wrong.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 from functools import cached_property
@@ -40,12 +41,23 @@ class ConfigError(Exception):
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
 
 
-def expand_env(value: Any, where: str = "") -> Any:
-    """Replace ``${VAR}`` / ``${VAR:-default}`` in every string of a YAML tree."""
+MAX_VALUES = 100_000  # a configuration is a few hundred values; YAML alias bombs expand to billions
+
+
+def expand_env(value: Any, where: str = "", budget: list[int] | None = None) -> Any:
+    """Replace ``${VAR}`` / ``${VAR:-default}`` in every string of a YAML tree.
+
+    Counts the values it visits: YAML aliases share subtrees, and a short file
+    of nested aliases would otherwise expand into more values than memory holds.
+    """
+    budget = budget if budget is not None else [MAX_VALUES]
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise ConfigError(f"the configuration expands to more than {MAX_VALUES} values (nested YAML aliases?)")
     if isinstance(value, dict):
-        return {k: expand_env(v, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
+        return {k: expand_env(v, f"{where}.{k}" if where else str(k), budget) for k, v in value.items()}
     if isinstance(value, list):
-        return [expand_env(v, f"{where}.{i}") for i, v in enumerate(value)]
+        return [expand_env(v, f"{where}.{i}", budget) for i, v in enumerate(value)]
     if not isinstance(value, str):
         return value
 
@@ -70,6 +82,8 @@ def parse_duration(value: Any) -> float:
         raise ValueError("expected a duration such as 30s, 5m or 250ms")
     if isinstance(value, int | float):
         seconds = float(value)
+        if not math.isfinite(seconds):
+            raise ValueError("expected a duration such as 30s, 5m or 250ms, got a non-finite number")
     else:
         match = _DURATION.match(str(value))
         if not match:
@@ -252,6 +266,12 @@ class Route(_Frozen):
             raise ValueError(f"expected an http:// or https:// URL, got {value!r}")
         if parts.query or parts.fragment:
             raise ValueError("expected a URL without query or fragment")
+        try:
+            port = parts.port
+        except ValueError:
+            raise ValueError(f"expected a port from 1 to 65535 in {value!r}") from None
+        if port == 0:
+            raise ValueError(f"expected a port from 1 to 65535 in {value!r}")
         return value
 
     @model_validator(mode="after")
@@ -300,6 +320,7 @@ class Config(_Frozen):
     log_format: Literal["text", "json"] = "text"
     max_body: Size = 10 * 1024 * 1024
     shutdown_grace: Duration = 10.0  # in-flight requests get this long after SIGTERM
+    header_timeout: Duration = 30.0  # a client's request head must arrive within this (also idle keep-alive)
     workers: Literal["auto"] | Annotated[int, Field(ge=1, le=256)] = "auto"  # processes sharing the port
     inbound_token: str | None = Field(default=None, min_length=16, repr=False)  # Proxy-Authorization: Bearer ...
     credentials: dict[str, SourceConfig] = Field(default_factory=dict)
@@ -374,16 +395,24 @@ def parse_config(data: Any) -> Config:
         return Config.model_validate(expand_env(data))
     except ValidationError as error:
         raise ConfigError(_format_errors(error)) from None
+    except RecursionError:
+        raise ConfigError("the configuration is nested too deeply") from None
 
 
 def load_config(path: str | Path) -> Config:
     """Read and validate a YAML file; every failure is a ``ConfigError`` naming the problem."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        raw = Path(path).read_bytes()
     except OSError as error:
         raise ConfigError(f"cannot read {path}: {error.strerror}") from None
     try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {error.start} is {raw[error.start]:#04x})") from None
+    try:
         data = yaml.safe_load(text)
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -254,14 +254,20 @@ class Forwarder:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.monotonic()
         exchange = Exchange(request.method)
+        exchange.status = 499  # unless an answer comes: the client went away (the handler is cancelled)
         response: web.StreamResponse | None = None
         try:
             response = await self._handle(request, exchange)
-            return response
+        except Exception:
+            # A bug of ours: logged with its traceback, answered without one.
+            log.exception("%s %s: internal error", request.method, exchange.path)
+            response = error_response(500, "signing-proxy failed on this request; see its log", "internal_error")
         finally:
-            exchange.status = response.status if response is not None else 499  # 499: the client went away
             exchange.duration = time.monotonic() - started
+            if response is not None and not exchange.client_gone:
+                exchange.status = response.status
             self.observe(exchange)
+        return response
 
     async def _handle(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
         if self.config.inbound_token and not self._inbound_authorized(request):
@@ -402,14 +408,14 @@ class Forwarder:
             response.hold_headers()
             if complete and "Content-Length" not in response.headers and has_body(request.method, upstream.status):
                 response.content_length = len(first)  # was chunked or close-delimited: now one plain body
-        await response.prepare(request)
-        exchange.bytes_out = len(first)
-        if complete:
-            await response.write_eof(first)
-            return response
-        if first:
-            await response.write(first)
         try:
+            await response.prepare(request)
+            exchange.bytes_out = len(first)
+            if complete:
+                await response.write_eof(first)
+                return response
+            if first:
+                await response.write(first)
             while True:
                 chunk = await upstream.readany()  # idle_timeout bounds each wait
                 if not chunk:
@@ -424,6 +430,12 @@ class Forwarder:
             log.warning("%s %s: upstream body cut short (%s); aborting the client connection", exchange.method,
                         exchange.path, kind)  # fmt: skip
             abort(request)
+            upstream.close()
+            return response
+        except ConnectionError:
+            # The client went away mid-answer: stop reading the upstream (its connection is closed,
+            # never pooled half-read). aiohttp finishes the dead response quietly.
+            exchange.client_gone = True
             upstream.close()
             return response
         await response.write_eof()

@@ -41,6 +41,7 @@ class Exchange:
     upstream_first_byte: float | None = None
     credentials: str = "-"
     error_kind: str | None = None
+    client_gone: bool = False  # the client closed its connection before the whole answer was sent
 
     def logged_path(self, with_query_values: bool) -> str:
         if not self.query:

@@ -7,13 +7,16 @@ import logging
 import signal
 import socket
 from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
+from aiohttp.http import HttpVersion10, HttpVersion11
+from aiohttp.http_exceptions import HttpProcessingError
 
 from .admin import admin_app
 from .config import Config, ConfigError, is_loopback
 from .credentials import CredentialsUnavailable, Provider, build_providers
-from .forwarding import Forwarder, error_response, too_large_response
+from .forwarding import Forwarder, error_response, request_target, too_large_response
 from .logs import flush_periodically
 from .metrics import Metrics
 from .upstream import Pool
@@ -33,6 +36,44 @@ def accept_raw_utf8_in_request_lines() -> None:
     from aiohttp import http_parser, web_protocol
 
     web_protocol.HttpRequestParser = http_parser.HttpRequestParserPy  # type: ignore[misc]
+
+
+@web.middleware
+async def only_http11_paths(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Refuse what is no proxied request: HTTP versions other than 1.0/1.1, targets that are not paths.
+
+    aiohttp's Python parser (see above) takes any ``digit.digit`` version, and its router
+    answers a plain-text 404 to ``OPTIONS *`` or ``CONNECT host:port``.
+    """
+    if request.version not in (HttpVersion10, HttpVersion11):
+        # The answer's status line echoes the request's version: make it ours, not "HTTP/9.9".
+        request._cache["version"] = HttpVersion11  # aiohttp caches the parsed version here (reify)
+        response = error_response(505, "signing-proxy speaks HTTP/1.1 (and 1.0)", "http_version_not_supported")
+        response.force_close()
+        return response
+    if not request.raw_path.startswith("/") and request_target(request.raw_path) is None:
+        return error_response(
+            400, "the request target must be a path (signing-proxy is a reverse proxy, not a tunnel)",
+            "bad_request_target",
+        )  # fmt: skip
+    return await handler(request)
+
+
+class _ClientErrorsAtDebug(logging.Filter):
+    """aiohttp logs every malformed request with a traceback; it is the client's error, answered 400."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError):
+            record.levelno, record.levelname, record.exc_info, record.exc_text = logging.DEBUG, "DEBUG", None, None
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
+def quiet_client_errors() -> None:
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, _ClientErrorsAtDebug) for f in server_log.filters):
+        server_log.addFilter(_ClientErrorsAtDebug())
 
 
 class ProxyServer:
@@ -80,11 +121,18 @@ class ProxyServer:
     async def start(self) -> None:
         accept_raw_utf8_in_request_lines()
         self.forwarder = Forwarder(self.config, self.providers, self._pool, self.metrics)
-        app = web.Application(client_max_size=self.config.max_body)
+        app = web.Application(client_max_size=self.config.max_body, middlewares=[only_http11_paths])
         app.on_shutdown.append(close_websockets)  # 1001 both ways, instead of waiting out the grace period
         app.router.add_route("*", "/{tail:.*}", self._dispatch, expect_handler=self._expect)
+        quiet_client_errors()
         self._runner = web.AppRunner(
-            app, access_log=None, handler_cancellation=True, shutdown_timeout=self.config.shutdown_grace
+            app,
+            access_log=None,
+            handler_cancellation=True,
+            shutdown_timeout=self.config.shutdown_grace,
+            # aiohttp's keep-alive timer runs from accept and after each answer, and is not reset by
+            # partial data: it is the header timeout (slow-loris) as well as the idle keep-alive limit.
+            keepalive_timeout=self.config.header_timeout,
         )
         await self._runner.setup()
         if self._sock is not None:

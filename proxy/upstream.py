@@ -16,6 +16,7 @@ came back, and only for idempotent methods: a POST is never replayed.
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl
 from collections import deque
 from collections.abc import Iterable
@@ -27,6 +28,9 @@ IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 HIGH_WATER = 1 << 20  # pause reading from the upstream above this much unread body
 MAX_HEAD = 64 * 1024  # status line and headers
 IDLE_KEEP = 30.0  # seconds an unused pooled connection is kept
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # a header name (RFC 9110 5.1)
+_FORBIDDEN_IN_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # controls but HTAB (RFC 9110 5.5)
+_DIGITS = re.compile(r"[0-9]+")
 
 
 class UpstreamError(Exception):
@@ -176,28 +180,43 @@ class UpstreamResponse:
         status = int(code)
         if 100 <= status < 200 and status != 101:
             return True
+        if not 200 <= status <= 599:
+            # 101 included: this client never asks to switch protocols (WebSockets go elsewhere).
+            raise BadResponse(f"unexpected status {status}")
         headers: CIMultiDict[str] = CIMultiDict()
         for line in lines[1:]:
             name, colon, value = line.partition(b":")
-            if not colon or not name or name != name.strip() or b" " in name:
+            if not colon or not _TOKEN.fullmatch(name):
                 raise BadResponse(f"malformed header line {line[:80]!r}")
-            headers.add(name.decode("latin-1"), value.strip().decode("latin-1"))
+            value = value.strip(b" \t")
+            if _FORBIDDEN_IN_VALUE.search(value):
+                raise BadResponse(f"control character in the value of {name[:40]!r}")
+            try:
+                # Relayed as str and written back as UTF-8 by the server: anything else would change bytes.
+                text = value.decode("utf-8")
+            except UnicodeDecodeError:
+                raise BadResponse(f"the value of {name[:40]!r} is not UTF-8 and cannot be relayed unchanged") from None
+            headers.add(name.decode("ascii"), text)
         self.status, self.reason, self.headers = status, reason, headers
         connection = headers.get("Connection", "").lower()
         self._keep_alive = version == "HTTP/1.1" and "close" not in connection
+        lengths = set(headers.getall("Content-Length", ()))
+        transfer = [c.strip().lower() for v in headers.getall("Transfer-Encoding", ()) for c in v.split(",")]
+        if len(lengths) > 1 or any(not _DIGITS.fullmatch(v) for v in lengths):
+            raise BadResponse(f"invalid or conflicting Content-Length {sorted(lengths)!r}")
+        if transfer and (transfer != ["chunked"] or lengths):
+            # Any other coding, or chunked beside a length, is framing we would relay wrong (RFC 9112 6.3).
+            raise BadResponse(f"unsupported framing: Transfer-Encoding {', '.join(transfer)!r}")
+        if len(headers.getall("Content-Length", ())) > 1:
+            headers["Content-Length"] = lengths.pop()  # repeated with one value: relayed once
+            lengths = {headers["Content-Length"]}
         if self.method == "HEAD" or status in (204, 304):
             self._finish_body()
-        elif "chunked" in headers.get("Transfer-Encoding", "").lower():
+        elif transfer:
             self._chunked = True
-        elif "Content-Length" in headers:
-            try:
-                length = int(headers["Content-Length"])
-                if length < 0:
-                    raise ValueError
-            except ValueError:
-                raise BadResponse(f"invalid Content-Length {headers['Content-Length']!r}") from None
-            self.content_length = self._remaining = length
-            if length == 0:
+        elif lengths:
+            self.content_length = self._remaining = int(next(iter(lengths)))
+            if self._remaining == 0:
                 self._finish_body()
         else:
             self._until_close = True
