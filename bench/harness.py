@@ -498,3 +498,28 @@ def start_proxy(
         proxy.stop()
         raise RuntimeError(f"the proxy did not answer 200 within {timeout:g}s\n{tail}") from None
     return proxy, ready - spawned
+
+
+DOWNLOAD_CHUNK = 256 * 1024
+
+
+async def download(url: str) -> tuple[float, float, int]:
+    """(time to first byte, total seconds, bytes) for one GET, reading with a raw socket."""
+    host, _, rest = url.split("://", 1)[1].partition("/")
+    hostname, _, port = host.partition(":")
+    started = time.perf_counter()
+    reader, writer = await asyncio.open_connection(hostname, int(port))
+    writer.write(f"GET /{rest} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = int(next(h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")).split(b":")[1])
+    first = await reader.read(DOWNLOAD_CHUNK)
+    ttfb = time.perf_counter() - started
+    received = len(first)
+    while received < length:
+        chunk = await reader.read(1 << 20)
+        if not chunk:
+            break
+        received += len(chunk)
+    total = time.perf_counter() - started
+    writer.close()
+    return ttfb, total, received

@@ -49,6 +49,7 @@ from harness import (
     Upstream,
     Usage,
     cpu_seconds,
+    download,
     first_ok,
     free_port,
     parse_size,
@@ -70,7 +71,6 @@ from load import (
     sse_streams,
     wrk_available,
 )
-from stream import download
 
 SCENARIOS = ("get", "post", "stream", "sse", "startup")
 MIB = 1024 * 1024

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import contextlib
+import socket
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
@@ -17,3 +19,21 @@ async def ws_upstream() -> AsyncIterator[WsUpstream]:
     await upstream.start()
     yield upstream
     await upstream.close()
+
+
+@pytest.fixture
+def full_backlog_port() -> Iterator[int]:
+    """A port whose listener's backlog is full: the kernel drops new SYNs, so only a connect timeout ends a wait."""
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    fillers = [socket.socket() for _ in range(3)]
+    for filler in fillers:
+        filler.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            filler.connect(full.getsockname())
+    try:
+        yield full.getsockname()[1]
+    finally:
+        for sock in (full, *fillers):
+            sock.close()

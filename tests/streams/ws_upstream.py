@@ -26,17 +26,10 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from proxy.websocket import PRESIGN_PARAMS
+
 from ..sigv4_upstream import AMZ_DATE_FORMAT, Received, SignatureError, SigV4Upstream
 
-PRESIGN_PARAMS = (
-    "X-Amz-Algorithm",
-    "X-Amz-Credential",
-    "X-Amz-Date",
-    "X-Amz-Expires",
-    "X-Amz-SignedHeaders",
-    "X-Amz-Security-Token",
-    "X-Amz-Signature",
-)
 FLOOD_CHUNK = 64 * 1024
 
 
