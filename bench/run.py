@@ -434,6 +434,14 @@ def table(title: str, columns: list[str], rows: list[tuple[str, str, list[Any]]]
     return "\n".join("  " + line if i else line for i, line in enumerate(lines))
 
 
+def with_ratio_column(rows: list[tuple[str, str, list[Any]]]) -> list[tuple[str, str, list[Any]]]:
+    """Rows of proxy / direct / ratio: the first two columns in the row's format, the ratio as .2f."""
+    return [
+        (label, spec, [cell(v, ".2f" if i == 2 else spec) for i, v in enumerate(values)])
+        for label, spec, values in rows
+    ]
+
+
 def load_rows(result: dict[str, Any], columns: list[tuple[str, str]]) -> list[tuple[str, str, list[Any]]]:
     specs = [
         ("requests/s", ",.0f", "rps"),
@@ -521,10 +529,7 @@ def report(results: dict[str, Any], env: dict[str, Any]) -> str:
             ("peak RSS (MiB)", ".1f", [p["peak_rss_mib"], d["peak_rss_mib"], q["peak_rss_mib"]]),
             ("growth (MiB)", ".1f", [p["growth_mib"], d["growth_mib"], None]),
         ]
-        rows = [
-            (label, spec, [cell(v, ".2f" if i == 2 else spec) for i, v in enumerate(values)])
-            for label, spec, values in rows
-        ]
+        rows = with_ratio_column(rows)
         out += [
             "",
             table(
@@ -556,10 +561,7 @@ def report(results: dict[str, Any], env: dict[str, Any]) -> str:
             ("peak RSS (MiB)", ".1f", [p["peak_rss_mib"], d["peak_rss_mib"], q["peak_rss_mib"]]),
             ("failed streams", "d", [p["failed_streams"], d["failed_streams"], None]),
         ]
-        rows = [
-            (label, spec, [cell(v, ".2f" if i == 2 else spec) for i, v in enumerate(values)])
-            for label, spec, values in rows
-        ]
+        rows = with_ratio_column(rows)
         out += [
             "",
             table(
@@ -592,10 +594,7 @@ def report(results: dict[str, Any], env: dict[str, Any]) -> str:
             ),
             ("processes", "d", [p["processes"], d["processes"], None]),
         ]
-        rows = [
-            (label, spec, [cell(v, ".2f" if i == 2 else spec) for i, v in enumerate(values)])
-            for label, spec, values in rows
-        ]
+        rows = with_ratio_column(rows)
         out += [
             "",
             table(
