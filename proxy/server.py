@@ -11,8 +11,8 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.http import HttpVersion10, HttpVersion11
-from aiohttp.http_exceptions import HttpProcessingError
 
+from . import front
 from .admin import admin_app
 from .config import Config, ConfigError, is_loopback
 from .credentials import CredentialsUnavailable, Provider, build_providers
@@ -25,24 +25,11 @@ from .websocket import close_websockets
 log = logging.getLogger("signing_proxy")
 
 
-def accept_raw_utf8_in_request_lines() -> None:
-    """Parse requests with aiohttp's Python HTTP parser instead of its C (llhttp) one.
-
-    curl sends non-ASCII query characters raw (``?q=café``), and llhttp refuses
-    such a request line with 400 before the proxy sees it. The Python parser
-    keeps the bytes, and ``forwarding`` percent-encodes them (or answers 400 when
-    they are not UTF-8). aiohttp has no option for this, hence the swap.
-    """
-    from aiohttp import http_parser, web_protocol
-
-    web_protocol.HttpRequestParser = http_parser.HttpRequestParserPy  # type: ignore[misc]
-
-
 @web.middleware
 async def only_http11_paths(request: web.Request, handler: Any) -> web.StreamResponse:
     """Refuse what is no proxied request: HTTP versions other than 1.0/1.1, targets that are not paths.
 
-    aiohttp's Python parser (see above) takes any ``digit.digit`` version, and its router
+    aiohttp's Python parser (see ``front``) takes any ``digit.digit`` version, and its router
     answers a plain-text 404 to ``OPTIONS *`` or ``CONNECT host:port``.
     """
     if request.version not in (HttpVersion10, HttpVersion11):
@@ -57,23 +44,6 @@ async def only_http11_paths(request: web.Request, handler: Any) -> web.StreamRes
             "bad_request_target",
         )  # fmt: skip
     return await handler(request)
-
-
-class _ClientErrorsAtDebug(logging.Filter):
-    """aiohttp logs every malformed request with a traceback; it is the client's error, answered 400."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        error = record.exc_info[1] if record.exc_info else None
-        if isinstance(error, HttpProcessingError):
-            record.levelno, record.levelname, record.exc_info, record.exc_text = logging.DEBUG, "DEBUG", None, None
-            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
-        return True
-
-
-def quiet_client_errors() -> None:
-    server_log = logging.getLogger("aiohttp.server")
-    if not any(isinstance(f, _ClientErrorsAtDebug) for f in server_log.filters):
-        server_log.addFilter(_ClientErrorsAtDebug())
 
 
 class ProxyServer:
@@ -119,12 +89,11 @@ class ProxyServer:
         return None
 
     async def start(self) -> None:
-        accept_raw_utf8_in_request_lines()
+        front.install()
         self.forwarder = Forwarder(self.config, self.providers, self._pool, self.metrics)
         app = web.Application(client_max_size=self.config.max_body, middlewares=[only_http11_paths])
         app.on_shutdown.append(close_websockets)  # 1001 both ways, instead of waiting out the grace period
         app.router.add_route("*", "/{tail:.*}", self._dispatch, expect_handler=self._expect)
-        quiet_client_errors()
         self._runner = web.AppRunner(
             app,
             access_log=None,
