@@ -64,8 +64,6 @@ OWNED_REQUEST_HEADERS = frozenset(
         "expect",
     }
 )
-# aiohttp's client would otherwise add these on its own.
-CHUNK_SIZE = 64 * 1024
 
 
 def error_response(status: int, message: str, reason: str, **headers: str) -> web.Response:
