@@ -13,6 +13,7 @@ import ipaddress
 import math
 import os
 import re
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -237,6 +238,15 @@ def region_from_host(host: str) -> str | None:
     return match.group(1) if match else None
 
 
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """A route's effective timeout per phase of an exchange, in seconds."""
+
+    connect: float
+    first_byte: float
+    idle: float
+
+
 class Route(_Frozen):
     path_prefix: str = "/"
     upstream: str
@@ -293,6 +303,15 @@ class Route(_Frozen):
         if ":" in host:
             host = f"[{host}]"
         return host if parts.port in (None, default_port) else f"{host}:{parts.port}"
+
+    @cached_property
+    def timeouts(self) -> Timeouts:
+        """The per-phase timeouts, each falling back on ``timeout`` (computed once per route)."""
+        return Timeouts(
+            connect=self.connect_timeout or min(self.timeout, 10.0),
+            first_byte=self.first_byte_timeout or self.timeout,
+            idle=self.idle_timeout or max(self.timeout, 300.0),
+        )
 
     @cached_property
     def upstream_address(self) -> tuple[str, str, int]:

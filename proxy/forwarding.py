@@ -20,7 +20,6 @@ import json
 import logging
 import re
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -145,28 +144,6 @@ async def read_body(request: web.Request, max_body: int) -> tuple[list[bytes], i
     return parts, size, digest.hexdigest()
 
 
-@dataclass(frozen=True, slots=True)
-class Timeouts:
-    """A route's per-phase timeouts (computed once per route)."""
-
-    connect: float
-    first_byte: float
-    idle: float
-
-    @classmethod
-    def of(cls, route: Route) -> Timeouts:
-        cached = _TIMEOUTS.get(id(route))
-        if cached is None or cached[0] is not route:
-            connect = route.connect_timeout or min(route.timeout, 10.0)
-            idle = route.idle_timeout or max(route.timeout, 300.0)
-            timeouts = cls(connect, route.first_byte_timeout or route.timeout, idle)
-            cached = _TIMEOUTS[id(route)] = (route, timeouts)
-        return cached[1]
-
-
-_TIMEOUTS: dict[int, tuple[Route, Timeouts]] = {}  # routes are frozen: computed once per route object
-
-
 class Forwarder:
     """The aiohttp handler for every proxied request."""
 
@@ -252,7 +229,6 @@ class Forwarder:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.monotonic()
         exchange = Exchange(request.method)
-        exchange.status = 499  # unless an answer comes: the client went away (the handler is cancelled)
         response: web.StreamResponse | None = None
         try:
             response = await self._handle(request, exchange)
@@ -331,7 +307,7 @@ class Forwarder:
         body: list[bytes],
         exchange: Exchange,
     ) -> web.StreamResponse:
-        timeouts = Timeouts.of(route)
+        timeouts = route.timeouts
         if body or request.body_exists or request.method in BODY_METHODS:
             headers["Content-Length"] = str(exchange.bytes_in)
         sent = time.monotonic()
@@ -351,7 +327,7 @@ class Forwarder:
         exchange.upstream_first_byte = time.monotonic() - sent
         try:
             prefetched = await self._check_clock_skew(route, upstream) if upstream.status == 403 else None
-            response = await self._relay(request, upstream, timeouts, exchange, prefetched)
+            response = await self._relay(request, upstream, exchange, prefetched)
         except BaseException:
             upstream.close()  # a half-read connection never goes back to the pool
             raise
@@ -382,7 +358,6 @@ class Forwarder:
         self,
         request: web.Request,
         upstream: UpstreamResponse,
-        timeouts: Timeouts,
         exchange: Exchange,
         prefetched: bytes | None = None,
     ) -> web.StreamResponse:

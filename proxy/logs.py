@@ -34,7 +34,7 @@ class Exchange:
     route: str = "-"
     path: str = "-"
     query: str = ""
-    status: int = 0
+    status: int = 499  # until an answer is sent: the client went away (the handler was cancelled)
     duration: float = 0.0
     bytes_in: int = 0
     bytes_out: int = 0

@@ -38,7 +38,6 @@ import re
 import socket
 import time
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 from aiohttp import WSMsgType, web
 from multidict import CIMultiDict
@@ -50,7 +49,7 @@ from websockets.typing import Subprotocol
 from . import signing
 from .config import Route
 from .credentials import CredentialsUnavailable
-from .forwarding import HOP_BY_HOP, Timeouts, connection_tokens, error_response
+from .forwarding import HOP_BY_HOP, connection_tokens, error_response
 from .routing import Match
 
 if TYPE_CHECKING:
@@ -222,7 +221,7 @@ async def relay_websocket(
         )
     url = upstream_ws_url(match, query)
     host = route.upstream_host
-    timeouts = Timeouts.of(route)
+    timeouts = route.timeouts
     try:
         sock = await open_socket(route, timeouts.connect)
     except TimeoutError:
@@ -295,9 +294,7 @@ async def open_socket(route: Route, timeout: float) -> socket.socket:
     upgrade exchange each get their own deadline (``connect_timeout``,
     ``first_byte_timeout``), as for HTTP. Addresses are tried in resolver order.
     """
-    parts = urlsplit(route.upstream)
-    host = parts.hostname or ""
-    port = parts.port or (443 if parts.scheme == "https" else 80)
+    _, host, port = route.upstream_address
     loop = asyncio.get_running_loop()
     async with asyncio.timeout(timeout):
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)

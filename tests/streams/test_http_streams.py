@@ -21,7 +21,6 @@ import yaml
 from aiohttp import web
 
 from proxy.config import parse_config
-from proxy.forwarding import Timeouts
 
 from ..conftest import TEST_KEY_ID, TEST_REGION, TEST_SECRET, static_route
 from ..sigv4_upstream import Received, SigV4Upstream
@@ -127,7 +126,7 @@ async def test_lambda_function_url_response_stream_is_signed_for_lambda_and_stre
 
 def test_the_documented_lambda_route_never_cuts_a_15_minute_stream() -> None:
     route = parse_config({"routes": [yaml.safe_load(LAMBDA_ROUTE_YAML)]}).routes[0]
-    timeouts = Timeouts.of(route)
+    timeouts = route.timeouts
     assert timeouts.first_byte >= 15 * 60 and timeouts.idle >= 15 * 60
     # And no overall limit: a stream may last as long as chunks keep coming (next test).
     assert not hasattr(timeouts, "total")
