@@ -20,7 +20,6 @@ import re
 import ssl
 from collections import deque
 from collections.abc import Iterable
-from typing import Any
 
 from multidict import CIMultiDict
 
@@ -75,7 +74,6 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.response: UpstreamResponse | None = None
         self.head = bytearray()
-        self.used = 0  # requests sent on this connection
         self.idle_handle: asyncio.TimerHandle | None = None
 
     # ------------------------------------------------------------ asyncio callbacks
@@ -117,12 +115,6 @@ class _Connection(asyncio.Protocol):
         self.pool.forget(self)
         if self.response is not None:
             self.response.connection_lost()
-
-    def pause_writing(self) -> None:  # request bodies are written whole; nothing to pause
-        pass
-
-    def resume_writing(self) -> None:
-        pass
 
     # ------------------------------------------------------------ used by the pool and the response
 
@@ -489,7 +481,6 @@ class Pool:
                 connection = await self._connect(key, connect_timeout)
             response = UpstreamResponse(connection, method)
             connection.response = response
-            connection.used += 1
             transport = connection.transport
             assert transport is not None
             if message is not None:
@@ -518,6 +509,3 @@ class Pool:
             connection._abort()
         self._all.clear()
         self._idle.clear()
-
-    def stats(self) -> dict[str, Any]:
-        return {"open": len(self._all), "idle": sum(len(v) for v in self._idle.values())}
