@@ -13,21 +13,21 @@ is added: ``upstream`` writes exactly these headers.
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
-import hashlib
 import hmac
-import json
 import logging
 import re
 import time
 from typing import Any
 
-from aiohttp import web
 from multidict import CIMultiDict
 
 from . import signing
 from .config import Config, Route
 from .credentials import CredentialsUnavailable, Provider
+from .front import BodyTooLarge, Refusal, Request
+from .http1 import HOP_BY_HOP, connection_tokens, has_body
 from .logs import Exchange, access_log, log_access
 from .metrics import Metrics
 from .routing import Match, Router
@@ -35,20 +35,6 @@ from .upstream import ConnectTimeout, FirstByteTimeout, Pool, UpstreamError, Ups
 
 log = logging.getLogger("signing_proxy.forwarding")
 
-# RFC 9110 7.6.1 (plus Proxy-Authorization, which is addressed to us, never upstream).
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "proxy-connection",
-        "keep-alive",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "proxy-authorization",
-        "proxy-authenticate",
-    }
-)
 # Methods whose requests carry a length even when empty (servers may insist on one).
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 # Set by us from what we actually send; whatever the client had is dropped.
@@ -65,87 +51,21 @@ OWNED_REQUEST_HEADERS = frozenset(
 )
 
 
-def error_response(status: int, message: str, reason: str, **headers: str) -> web.Response:
-    """The JSON body every proxy-made error carries: what happened and what to do."""
-    body = json.dumps({"message": message, "reason": reason}).encode()
-    return web.Response(status=status, body=body, content_type="application/json", headers=headers)
-
-
-def connection_tokens(headers: Any) -> set[str]:
-    """Header names listed in ``Connection`` (they are hop-by-hop too)."""
-    tokens: set[str] = set()
-    for value in headers.getall("Connection", ()):
-        tokens.update(t.strip().lower() for t in value.split(",") if t.strip())
-    return tokens
-
-
-def failed(exchange: Exchange, status: int, message: str, reason: str) -> web.Response:
-    """An error answer for an upstream failure, counted by kind."""
-    exchange.error_kind = reason
-    return error_response(status, message, reason)
-
-
-def has_body(method: str, status: int) -> bool:
-    """Whether a response to ``method`` with ``status`` carries a body (RFC 9110 6.4.1)."""
-    return method != "HEAD" and status >= 200 and status not in (204, 304)
-
-
-def too_large_response(max_body: int) -> web.Response:
-    """413, closing the connection: the rest of the body is never read."""
-    response = error_response(
-        413, f"request body is larger than max_body ({max_body} bytes); raise max_body to send it", "body_too_large"
+def too_large(max_body: int) -> Refusal:
+    """413; the connection closes after it, since the rest of the body is never read."""
+    return Refusal(
+        f"request body is larger than max_body ({max_body} bytes); raise max_body to send it", 413, "body_too_large"
     )
-    response.force_close()
-    return response
 
 
-class RelayedResponse(web.StreamResponse):
-    """A response that carries only the upstream's headers.
-
-    aiohttp fills in Server and a default Content-Type when they are missing;
-    a relay must not invent them. (Date is added when missing, as RFC 9110
-    asks of anything that forwards a response.)
-    """
-
-    def hold_headers(self) -> None:
-        """Send the headers with the first body bytes instead of on their own."""
-        self._send_headers_immediately = False
-
-    async def _prepare_headers(self) -> None:
-        invented = [name for name in ("Server", "Content-Type") if name not in self.headers]
-        await super()._prepare_headers()
-        for name in invented:
-            self.headers.popall(name, None)
-
-
-class BodyTooLarge(Exception):
-    pass
-
-
-async def read_body(request: web.Request, max_body: int) -> tuple[list[bytes], int, str]:
-    """The whole request body (as the chunks that arrived), its length and SHA-256.
-
-    Refuses more than ``max_body`` bytes. The chunks are never joined: they go
-    upstream as they are, which saves copying a large upload once more.
-    """
-    if request.content_length is not None and request.content_length > max_body:
-        raise BodyTooLarge
-    if not request.body_exists:
-        return [], 0, signing.EMPTY_SHA256
-    digest = hashlib.sha256()
-    parts: list[bytes] = []
-    size = 0
-    async for chunk in request.content.iter_any():
-        size += len(chunk)
-        if size > max_body:
-            raise BodyTooLarge
-        digest.update(chunk)
-        parts.append(chunk)
-    return parts, size, digest.hexdigest()
+def unavailable(route: Route, error: CredentialsUnavailable) -> Refusal:
+    return Refusal(
+        f"credentials {route.credentials!r} are unavailable: {error}", 503, error.reason, (("Retry-After", "5"),)
+    )
 
 
 class Forwarder:
-    """The aiohttp handler for every proxied request."""
+    """The handler for every proxied request (``front`` calls ``handle``)."""
 
     def __init__(
         self,
@@ -163,11 +83,42 @@ class Forwarder:
 
     # ------------------------------------------------------------ request side
 
-    def upstream_headers(self, request: web.Request, route: Route) -> CIMultiDict[str]:
+    def resolve(self, raw_target: str, headers: Any, exchange: Exchange) -> tuple[Match, str]:
+        """The route and raw query of a request, after the inbound token check; raises ``Refusal``."""
+        if self.config.inbound_token and not self._inbound_authorized(headers):
+            raise Refusal(
+                "send Proxy-Authorization: Bearer <inbound_token> to use this proxy",
+                407,
+                "proxy_authentication_required",
+                (("Proxy-Authenticate", 'Bearer realm="signing-proxy"'),),
+            )
+        target = request_target(raw_target)
+        if target is None:
+            raise Refusal(
+                "the request target must be a path in UTF-8 (signing-proxy is a reverse proxy, not a tunnel)",
+                reason="bad_request_target",
+            )
+        raw_path, _, raw_query = target.partition("?")
+        wire_path = signing.normalize_path(raw_path)
+        exchange.path = wire_path
+        match = self.router.match(wire_path)
+        if match is None:
+            raise Refusal(f"no route matches {wire_path}; add a route whose path_prefix covers it", 404, "no_route")
+        exchange.route = match.route.path_prefix
+        return match, raw_query
+
+    def _inbound_authorized(self, headers: Any) -> bool:
+        scheme, _, token = headers.get("Proxy-Authorization", "").partition(" ")
+        expected = self.config.inbound_token or ""
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), expected.encode())
+
+    def upstream_headers(self, client_headers: Any, route: Route) -> CIMultiDict[str]:
         """The client's headers minus hop-by-hop and the ones we own; repeats kept."""
-        drop = HOP_BY_HOP | OWNED_REQUEST_HEADERS | connection_tokens(request.headers)
+        drop = HOP_BY_HOP | OWNED_REQUEST_HEADERS
+        if "Connection" in client_headers:
+            drop = drop | connection_tokens(client_headers.getall("Connection"))
         headers: CIMultiDict[str] = CIMultiDict()
-        for name, value in request.headers.items():
+        for name, value in client_headers.items():
             if name.lower() not in drop:
                 headers.add(name, value)
         headers["Host"] = route.upstream_host
@@ -226,113 +177,80 @@ class Forwarder:
 
     # ------------------------------------------------------------ the handler
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: Request) -> None:
         started = time.monotonic()
         exchange = Exchange(request.method)
-        response: web.StreamResponse | None = None
         try:
-            response = await self._handle(request, exchange)
+            match, raw_query = self.resolve(request.target, request.headers, exchange)
+            await self._forward(request, match, raw_query, exchange)
+        except Refusal as refusal:
+            request.refuse(refusal)
+        except asyncio.CancelledError:
+            exchange.client_gone = True  # the client closed its connection: nobody is waiting any more
+            raise
         except Exception:
             # A bug of ours: logged with its traceback, answered without one.
             log.exception("%s %s: internal error", request.method, exchange.path)
-            response = error_response(500, "signing-proxy failed on this request; see its log", "internal_error")
+            if request.status:
+                request.connection.abort()  # an answer was under way: cut it rather than corrupt it
+            else:
+                request.refuse(Refusal("signing-proxy failed on this request; see its log", 500, "internal_error"))
         finally:
             exchange.duration = time.monotonic() - started
-            if response is not None and not exchange.client_gone:
-                exchange.status = response.status
+            if request.status and not exchange.client_gone:
+                exchange.status = request.status
             self.observe(exchange)
-        return response
 
-    async def _handle(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
-        if self.config.inbound_token and not self._inbound_authorized(request):
-            return error_response(
-                407,
-                "send Proxy-Authorization: Bearer <inbound_token> to use this proxy",
-                "proxy_authentication_required",
-                **{"Proxy-Authenticate": 'Bearer realm="signing-proxy"'},
-            )
-        target = request_target(request.raw_path)
-        if target is None:
-            return error_response(
-                400, "the request target must be a path in UTF-8 (percent-encode other bytes)", "bad_request_target"
-            )
-        raw_path, _, raw_query = target.partition("?")
-        wire_path = signing.normalize_path(raw_path)
-        exchange.path = wire_path
-        match = self.router.match(wire_path)
-        if match is None:
-            return error_response(
-                404, f"no route matches {wire_path}; add a route whose path_prefix covers it", "no_route"
-            )
-        exchange.route = match.route.path_prefix
-        if request.headers.get("Upgrade", "").lower() == "websocket":
-            from .websocket import relay_websocket
-
-            return await relay_websocket(self, request, match, raw_query)
-        return await self._forward(request, match, raw_query, exchange)
-
-    def _inbound_authorized(self, request: web.Request) -> bool:
-        scheme, _, token = request.headers.get("Proxy-Authorization", "").partition(" ")
-        expected = self.config.inbound_token or ""
-        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), expected.encode())
-
-    async def _forward(
-        self, request: web.Request, match: Match, raw_query: str, exchange: Exchange
-    ) -> web.StreamResponse:
+    async def _forward(self, request: Request, match: Match, raw_query: str, exchange: Exchange) -> None:
         route = match.route
         try:
-            body, body_size, payload_sha256 = await read_body(request, self.config.max_body)
+            body, body_size, payload_sha256 = await request.read_body()
         except BodyTooLarge:
-            return too_large_response(self.config.max_body)
+            raise too_large(self.config.max_body) from None
         exchange.bytes_in = body_size
         query = signing.normalize_query(raw_query)
         exchange.query = query.wire
-        headers = self.upstream_headers(request, route)
+        headers = self.upstream_headers(request.headers, route)
         try:
             exchange.credentials = await self.authorize(request.method, match, query, headers, payload_sha256)
         except CredentialsUnavailable as error:
             exchange.credentials = route.credentials
-            return error_response(
-                503, f"credentials {route.credentials!r} are unavailable: {error}", error.reason, **{"Retry-After": "5"}
-            )
-        target = match.upstream_path + (f"?{query.wire}" if query.wire else "")
-        return await self._exchange(request, route, target, headers, body, exchange)
-
-    async def _exchange(
-        self,
-        request: web.Request,
-        route: Route,
-        target: str,
-        headers: CIMultiDict[str],
-        body: list[bytes],
-        exchange: Exchange,
-    ) -> web.StreamResponse:
-        timeouts = route.timeouts
+            raise unavailable(route, error) from None
         if body or request.body_exists or request.method in BODY_METHODS:
-            headers["Content-Length"] = str(exchange.bytes_in)
+            headers["Content-Length"] = str(body_size)
+        target = match.upstream_path + (f"?{query.wire}" if query.wire else "")
+        upstream = await self._send(request.method, route, target, headers, body, exchange)
+        try:
+            prefetched = await self._check_clock_skew(route, upstream) if upstream.status == 403 else None
+            await self._relay(request, upstream, exchange, prefetched)
+        except BaseException:
+            upstream.close()  # a half-read connection never goes back to the pool
+            raise
+        upstream.release()  # back to the pool when the body was read to the end, closed otherwise
+
+    async def _send(
+        self, method: str, route: Route, target: str, headers: CIMultiDict[str], body: list[bytes], exchange: Exchange
+    ) -> UpstreamResponse:
+        """Send the signed request; the response once its head has arrived. Failures become 502 or 504."""
+        timeouts = route.timeouts
         sent = time.monotonic()
         try:
             upstream = await self.pool.request(
-                request.method, route.upstream_address, target, headers.items(), body,
+                method, route.upstream_address, target, headers.items(), body,
                 connect_timeout=timeouts.connect, first_byte_timeout=timeouts.first_byte,
             )  # fmt: skip
         except (ConnectTimeout, FirstByteTimeout) as error:
             advice = "raise the route's connect_timeout" if isinstance(error, ConnectTimeout) else (
                 "raise the route's timeout (or first_byte_timeout) if it is slow"
             )  # fmt: skip
-            return failed(exchange, 504, f"{route.upstream_host}: {error}; {advice}", error.reason)
+            exchange.error_kind = error.reason
+            raise Refusal(f"{route.upstream_host}: {error}; {advice}", 504, error.reason) from None
         except UpstreamError as error:
-            return failed(exchange, 502, f"{route.upstream_host}: {error}", error.reason)
+            exchange.error_kind = error.reason
+            raise Refusal(f"{route.upstream_host}: {error}", 502, error.reason) from None
         upstream.idle_timeout = timeouts.idle
         exchange.upstream_first_byte = time.monotonic() - sent
-        try:
-            prefetched = await self._check_clock_skew(route, upstream) if upstream.status == 403 else None
-            response = await self._relay(request, upstream, exchange, prefetched)
-        except BaseException:
-            upstream.close()  # a half-read connection never goes back to the pool
-            raise
-        upstream.release()  # back to the pool when the body was read to the end, closed otherwise
-        return response
+        return upstream
 
     async def _check_clock_skew(self, route: Route, upstream: UpstreamResponse) -> bytes | None:
         """Read a small 403 body; when AWS says our time is off, correct the signing clock by its Date.
@@ -356,45 +274,44 @@ class Forwarder:
 
     async def _relay(
         self,
-        request: web.Request,
+        request: Request,
         upstream: UpstreamResponse,
         exchange: Exchange,
         prefetched: bytes | None = None,
-    ) -> web.StreamResponse:
+    ) -> None:
         """Stream the upstream response to the client as it arrives (or send ``prefetched``, its whole body).
 
-        Whatever body already arrived with the upstream's headers goes out in the
-        same write as our headers; a body that is already complete (most small
-        answers) goes out in one write, headers included. Each write is a system
-        call, the largest cost per request on loopback.
+        Only the upstream's headers go back (minus hop-by-hop ones; Date is
+        added when missing, as RFC 9110 asks of anything that forwards a
+        response). Whatever body already arrived with them goes out in the
+        same write; a body that is already complete (most small answers)
+        goes out in one write, headers included. Each write is a system call,
+        the largest cost per request on loopback.
         """
-        response = RelayedResponse(status=upstream.status, reason=upstream.reason)
-        drop = HOP_BY_HOP | connection_tokens(upstream.headers)
-        for name, value in upstream.headers.items():
-            if name.lower() not in drop:
-                response.headers.add(name, value)
+        upstream_headers = upstream.headers
+        drop = HOP_BY_HOP
+        if "Connection" in upstream_headers:
+            drop = drop | connection_tokens(upstream_headers.getall("Connection"))
+        headers = [(name, value) for name, value in upstream_headers.items() if name.lower() not in drop]
+        response = request.respond(upstream.status, upstream.reason, headers)
         if prefetched is None:
             first, complete = upstream.read_nowait(), upstream.is_eof()
         else:
             first, complete = prefetched, True
-        if first or complete:
-            response.hold_headers()
-            if complete and "Content-Length" not in response.headers and has_body(request.method, upstream.status):
-                response.content_length = len(first)  # was chunked or close-delimited: now one plain body
+        framed = upstream.content_length is not None
+        exchange.bytes_out = len(first)
+        if not has_body(request.method, upstream.status):
+            response.send(length=False)
+            return
+        if complete:
+            response.send(first, length=not framed)  # a chunked or close-delimited body becomes a plain one
+            return
+        response.start(first, framed=framed)
         try:
-            await response.prepare(request)
-            exchange.bytes_out = len(first)
-            if complete:
-                await response.write_eof(first)
-                return response
-            if first:
-                await response.write(first)
-            while True:
-                chunk = await upstream.readany()  # idle_timeout bounds each wait
-                if not chunk:
-                    break
+            while chunk := await upstream.readany():  # idle_timeout bounds each wait
                 exchange.bytes_out += len(chunk)
-                await response.write(chunk)
+                response.write(chunk)
+                await response.drain()
         except (UpstreamError, TimeoutError) as error:
             # The body is cut short: abort the client connection so it cannot
             # mistake what it got for the whole body.
@@ -402,17 +319,10 @@ class Forwarder:
             exchange.error_kind = kind
             log.warning("%s %s: upstream body cut short (%s); aborting the client connection", exchange.method,
                         exchange.path, kind)  # fmt: skip
-            abort(request)
+            response.abort()
             upstream.close()
-            return response
-        except ConnectionError:
-            # The client went away mid-answer: stop reading the upstream (its connection is closed,
-            # never pooled half-read). aiohttp finishes the dead response quietly.
-            exchange.client_gone = True
-            upstream.close()
-            return response
-        await response.write_eof()
-        return response
+            return
+        response.finish()
 
     def observe(self, exchange: Exchange) -> None:
         """Record a finished request in the metrics and the access log."""
@@ -456,13 +366,6 @@ def request_target(raw_target: str) -> str | None:
     except UnicodeEncodeError:  # lone surrogates: bytes that were not UTF-8
         return None
     return target
-
-
-def abort(request: web.Request) -> None:
-    """Close the client connection at once, without ending the response properly."""
-    transport = request.transport
-    if transport is not None:
-        transport.abort()
 
 
 def redact_canonical(canonical_request: str) -> str:

@@ -18,7 +18,9 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from json.encoder import encode_basestring as json_string  # what json.dumps(ensure_ascii=False) uses
 
 access_log = logging.getLogger("signing_proxy.access")
 # Libraries kept at warning whatever log_level says: botocore at debug prints request
@@ -48,11 +50,24 @@ class Exchange:
             return self.path
         if with_query_values:
             return f"{self.path}?{self.query}"
-        keys = (pair.partition("=")[0] for pair in self.query.split("&"))
-        return f"{self.path}?" + "&".join(f"{key}=…" for key in keys)
+        # a list, not a generator: join is faster with one, and this runs for every access line
+        return f"{self.path}?" + "&".join([f"{pair.partition('=')[0]}=…" for pair in self.query.split("&")])
 
 
 def log_access(exchange: Exchange, *, with_query_values: bool) -> None:
+    """Write the access line of ``exchange``; the caller has checked ``access_log`` is on at INFO.
+
+    ``setup_logging`` picks how: straight into the batched stderr buffer when that is
+    where the line would end up anyway, through ``logging`` otherwise.
+    """
+    _write_access(exchange, with_query_values)
+
+
+def _log_record(exchange: Exchange, with_query_values: bool) -> None:
+    """The access line as a log record, for any logging set-up (pytest's caplog, other handlers).
+
+    Also the reference the direct lines must match byte for byte (tests/test_access_log.py).
+    """
     first_byte = exchange.upstream_first_byte
     fields = {
         "route": exchange.route,
@@ -75,6 +90,10 @@ def log_access(exchange: Exchange, *, with_query_values: bool) -> None:
         fields["credentials"], f" error={exchange.error_kind}" if exchange.error_kind else "",
         extra={"access": fields},
     )  # fmt: skip
+
+
+AccessWriter = Callable[[Exchange, bool], None]
+_write_access: AccessWriter = _log_record  # chosen by setup_logging
 
 
 class JsonFormatter(logging.Formatter):
@@ -137,6 +156,110 @@ async def flush_periodically() -> None:
             handler.flush_now()
 
 
+def _per_second(pattern: str, convert: Callable[[float], time.struct_time]) -> Callable[[float], str]:
+    """``strftime`` of the current second, redone only when the second changes.
+
+    Formatting the date for every record is a large part of what logging costs an
+    access line; once a second it is nothing. The cache is one tuple, so a reader
+    never pairs one second with another second's text.
+    """
+    latest = (-1, "")
+
+    def text(now: float) -> str:
+        nonlocal latest
+        second = int(now)
+        if latest[0] != second:
+            latest = (second, time.strftime(pattern, convert(second)))
+        return latest[1]
+
+    return text
+
+
+_local_second = _per_second("%Y-%m-%d %H:%M:%S", time.localtime)  # logging.Formatter's asctime
+_utc_second = _per_second("%Y-%m-%dT%H:%M:%S", time.gmtime)  # JsonFormatter's time
+_TEXT_TAG = f" INFO {access_log.name}: "
+_JSON_TAG = f'"level": "info", "logger": {json_string(access_log.name)}'
+
+
+def _millis(now: float) -> int:
+    """Milliseconds past the second, computed as ``LogRecord.msecs`` is (from ``time.time()``)."""
+    return int((now - int(now)) * 1000)
+
+
+def _text_line(exchange: Exchange, with_query_values: bool, now: float) -> str:
+    """What ``logging.Formatter`` makes of ``_log_record``'s record (the format of ``setup_logging``)."""
+    first_byte = exchange.upstream_first_byte
+    ttfb = f"{round(first_byte * 1000, 2)}ms" if first_byte is not None else "-"
+    error = f" error={exchange.error_kind}" if exchange.error_kind else ""
+    return (
+        f"{_local_second(now)},{_millis(now):03d}{_TEXT_TAG}{exchange.route} {exchange.method} "
+        f"{exchange.logged_path(with_query_values)} {exchange.status} {round(exchange.duration * 1000, 2):.1f}ms "
+        f"in={exchange.bytes_in} out={exchange.bytes_out} ttfb={ttfb} creds={exchange.credentials}{error}\n"
+    )
+
+
+def _json_line(exchange: Exchange, with_query_values: bool, now: float) -> str:
+    """What ``JsonFormatter`` makes of ``_log_record``'s record, without building a dict for ``json.dumps``.
+
+    Numbers are written as ``json.dumps`` writes them (``repr``); durations are always finite.
+    """
+    first_byte = exchange.upstream_first_byte
+    ttfb = repr(round(first_byte * 1000, 2)) if first_byte is not None else "null"
+    error = f', "error": {json_string(exchange.error_kind)}' if exchange.error_kind else ""
+    return (
+        f'{{"time": "{_utc_second(now)}.{_millis(now):03d}Z", {_JSON_TAG}, "route": {json_string(exchange.route)}, '
+        f'"method": {json_string(exchange.method)}, "path": {json_string(exchange.logged_path(with_query_values))}, '
+        f'"status": {exchange.status}, "duration_ms": {round(exchange.duration * 1000, 2)!r}, '
+        f'"bytes_in": {exchange.bytes_in}, "bytes_out": {exchange.bytes_out}, "upstream_ttfb_ms": {ttfb}, '
+        f'"credentials": {json_string(exchange.credentials)}{error}}}\n'
+    )
+
+
+def _direct_writer(handler: BatchedStderrHandler, line: Callable[[Exchange, bool, float], str]) -> AccessWriter:
+    """Append access lines to ``handler``'s buffer under its lock, as its ``emit`` would, minus the log record.
+
+    Checks on every line, cheaply, that ``handler`` is still the root's only handler:
+    anything added since ``setup_logging`` (pytest's caplog) gets its records again.
+    """
+    root = logging.getLogger()
+
+    def write(exchange: Exchange, with_query_values: bool) -> None:
+        handlers = root.handlers
+        if len(handlers) != 1 or handlers[0] is not handler:
+            _log_record(exchange, with_query_values)
+            return
+        text = line(exchange, with_query_values, time.time())
+        with handler.lock:  # type: ignore[union-attr]  # always set by Handler.__init__
+            try:  # noqa: SIM105  # contextlib.suppress would double the cost of this block
+                handler.stream.write(text)
+            except (OSError, ValueError):  # stderr gone or closed: lose the line, not the request
+                pass
+
+    return write
+
+
+def _sole_handler(logger: logging.Logger) -> logging.Handler | None:
+    """The handler, if just one, that a record of ``logger`` reaches (``Logger.callHandlers``' walk)."""
+    handlers: list[logging.Handler] = []
+    node: logging.Logger | None = logger
+    while node is not None:
+        handlers += node.handlers
+        node = node.parent if node.propagate else None
+    return handlers[0] if len(handlers) == 1 else None
+
+
+def _choose_access_writer(handler: logging.Handler, log_format: str) -> AccessWriter:
+    """Direct lines when ``handler`` is batched and the only place access records go, unfiltered."""
+    if (
+        not isinstance(handler, BatchedStderrHandler)
+        or _sole_handler(access_log) is not handler
+        or access_log.filters
+        or access_log.disabled
+    ):
+        return _log_record
+    return _direct_writer(handler, _json_line if log_format == "json" else _text_line)
+
+
 def setup_logging(level: str, log_format: str = "text", *, batched: bool = False) -> None:
     """Log to stderr at ``level`` in ``log_format``; ``batched`` for the long-running server."""
     handler = BatchedStderrHandler() if batched else logging.StreamHandler(sys.stderr)
@@ -151,3 +274,5 @@ def setup_logging(level: str, log_format: str = "text", *, batched: bool = False
     logging.getLogger("aiohttp").setLevel(max(logging.WARNING, root.level))
     for noisy in NOISY_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    global _write_access
+    _write_access = _choose_access_writer(handler, log_format)

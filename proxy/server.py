@@ -1,4 +1,4 @@
-"""The listening proxy: wires config, credentials and the forwarder into an aiohttp server."""
+"""The listening proxy: wires config, credentials, the front and the forwarder together."""
 
 from __future__ import annotations
 
@@ -8,43 +8,22 @@ import logging
 import signal
 import socket
 from collections.abc import Callable
-from typing import Any
 
 from aiohttp import web
-from aiohttp.http import HttpVersion10, HttpVersion11
 
-from . import front
 from .admin import admin_app
 from .config import Config, ConfigError, is_loopback
 from .credentials import CredentialsUnavailable, Provider, build_providers
-from .forwarding import Forwarder, error_response, request_target, too_large_response
+from .forwarding import Forwarder
+from .front import Front, Request
 from .logs import flush_periodically
 from .metrics import Metrics
 from .upstream import Pool
-from .websocket import close_websockets
+from .websocket import Upgrades
 
 log = logging.getLogger("signing_proxy")
 
-
-@web.middleware
-async def only_http11_paths(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Refuse what is no proxied request: HTTP versions other than 1.0/1.1, targets that are not paths.
-
-    aiohttp's Python parser (see ``front``) takes any ``digit.digit`` version, and its router
-    answers a plain-text 404 to ``OPTIONS *`` or ``CONNECT host:port``.
-    """
-    if request.version not in (HttpVersion10, HttpVersion11):
-        # The answer's status line echoes the request's version: make it ours, not "HTTP/9.9".
-        request._cache["version"] = HttpVersion11  # aiohttp caches the parsed version here (reify)
-        response = error_response(505, "signing-proxy speaks HTTP/1.1 (and 1.0)", "http_version_not_supported")
-        response.force_close()
-        return response
-    if not request.raw_path.startswith("/") and request_target(request.raw_path) is None:
-        return error_response(
-            400, "the request target must be a path (signing-proxy is a reverse proxy, not a tunnel)",
-            "bad_request_target",
-        )  # fmt: skip
-    return await handler(request)
+LISTEN_BACKLOG = 1024
 
 
 class ProxyServer:
@@ -60,7 +39,9 @@ class ProxyServer:
         self.providers: dict[str, Provider] = build_providers(config)
         self.metrics = Metrics()
         self._sock = sock
-        self._runner: web.AppRunner | None = None
+        self._listener: asyncio.AbstractServer | None = None
+        self.front: Front | None = None
+        self.upgrades: Upgrades | None = None
         self._admin_runner: web.AppRunner | None = None
         self._pool = Pool()
         self._warmups: set[asyncio.Task[None]] = set()
@@ -75,42 +56,27 @@ class ProxyServer:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
 
-    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+    async def _dispatch(self, request: Request) -> None:
         assert self.forwarder is not None
-        return await self.forwarder.handle(request)
-
-    async def _expect(self, request: web.Request) -> web.StreamResponse | None:
-        """Answer ``Expect: 100-continue``: refuse an oversized body before the client sends it."""
-        expect = request.headers.get("Expect", "").lower()
-        if expect != "100-continue":
-            return error_response(417, f"unsupported Expect value {expect!r}", "expectation_failed")
-        if request.content_length is not None and request.content_length > self.config.max_body:
-            return too_large_response(self.config.max_body)
-        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        return None
+        await self.forwarder.handle(request)
 
     async def start(self) -> None:
-        front.install()
         self.forwarder = Forwarder(self.config, self.providers, self._pool, self.metrics)
-        app = web.Application(client_max_size=self.config.max_body, middlewares=[only_http11_paths])
-        app.on_shutdown.append(close_websockets)  # 1001 both ways, instead of waiting out the grace period
-        app.router.add_route("*", "/{tail:.*}", self._dispatch, expect_handler=self._expect)
-        self._runner = web.AppRunner(
-            app,
-            access_log=None,
-            handler_cancellation=True,
-            shutdown_timeout=self.config.shutdown_grace,
-            # aiohttp's keep-alive timer runs from accept and after each answer, and is not reset by
-            # partial data: it is the header timeout (slow-loris) as well as the idle keep-alive limit.
-            keepalive_timeout=self.config.header_timeout,
+        self.upgrades = Upgrades(lambda: self.forwarder, self.config.header_timeout)  # type: ignore[arg-type,return-value]
+        self.front = Front(
+            self._dispatch,
+            max_body=self.config.max_body,
+            header_timeout=self.config.header_timeout,
+            upgrade=self.upgrades.protocol,
         )
-        await self._runner.setup()
+        loop = asyncio.get_running_loop()
         if self._sock is not None:
-            site: web.BaseSite = web.SockSite(self._runner, self._sock)
+            self._listener = await loop.create_server(self.front, sock=self._sock, backlog=LISTEN_BACKLOG)
         else:
-            site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
-        await site.start()
-        self.port = bound_port(site) or self.port
+            self._listener = await loop.create_server(
+                self.front, self.host, self.port, reuse_address=True, backlog=LISTEN_BACKLOG
+            )
+        self.port = self._listener.sockets[0].getsockname()[1]
         self.metrics.watch(lambda: self.providers)
         self._sampler = asyncio.create_task(self._sample_connections())
         self._log_flusher = asyncio.create_task(flush_periodically())
@@ -132,13 +98,14 @@ class ProxyServer:
         await self._admin_runner.setup()
         site = web.TCPSite(self._admin_runner, host, port, reuse_address=True)
         await site.start()
-        self.admin_port = bound_port(site) or port
+        self.admin_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]  # for port 0
 
     async def _sample_connections(self) -> None:
         """Publish the open connection count each second (summed over workers by prometheus-client)."""
         while True:
-            server = self._runner.server if self._runner is not None else None
-            self.metrics.open_connections.set(len(server.connections) if server is not None else 0)
+            count = len(self.front.connections) if self.front is not None else 0
+            count += len(self.upgrades.server.connections) if self.upgrades is not None else 0
+            self.metrics.open_connections.set(count)
             await asyncio.sleep(1.0)
 
     def _warm_all(self) -> None:
@@ -171,6 +138,8 @@ class ProxyServer:
             if name in self.providers and source_chain(self.config, name) == source_chain(config, name):
                 fresh[name] = self.providers[name]
         self.config, self.providers = config, fresh
+        if self.front is not None:
+            self.front.max_body, self.front.header_timeout = config.max_body, config.header_timeout
         previous = self.forwarder
         self.forwarder = Forwarder(config, fresh, self._pool, self.metrics)
         if previous is not None:
@@ -183,8 +152,12 @@ class ProxyServer:
         for task in [*self._warmups, self._sampler, self._log_flusher]:
             if task is not None:
                 task.cancel()
-        if self._runner is not None:
-            await self._runner.cleanup()
+        if self._listener is not None:
+            self._listener.close()  # stop accepting; connections already open are handled below
+            self._listener = None
+            grace = self.config.shutdown_grace
+            assert self.front is not None and self.upgrades is not None
+            await asyncio.gather(self.front.stop(grace), self.upgrades.close(grace))
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
         self._pool.close()
@@ -210,13 +183,6 @@ def tune_gc() -> None:
     """
     gc.freeze()
     gc.set_threshold(50_000, 50, 100)
-
-
-def bound_port(site: web.BaseSite) -> int | None:
-    """The port a site actually bound (for ``listen: ...:0``)."""
-    server = site._server  # aiohttp keeps the asyncio server private
-    sockets = getattr(server, "sockets", None)
-    return int(sockets[0].getsockname()[1]) if sockets else None
 
 
 async def serve_forever(

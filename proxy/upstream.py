@@ -23,12 +23,12 @@ from collections.abc import Iterable
 
 from multidict import CIMultiDict
 
+from .http1 import FORBIDDEN_IN_VALUE, HEADER_NAME, ChunkDecoder
+
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 HIGH_WATER = 1 << 20  # pause reading from the upstream above this much unread body
 MAX_HEAD = 64 * 1024  # status line and headers
 IDLE_KEEP = 30.0  # seconds an unused pooled connection is kept
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # a header name (RFC 9110 5.1)
-_FORBIDDEN_IN_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # controls but HTAB (RFC 9110 5.5)
 _DIGITS = re.compile(r"[0-9]+")
 
 
@@ -154,7 +154,7 @@ class UpstreamResponse:
         self._keep_alive = True
         self._remaining: int | None = None  # Content-Length left to read
         self._chunked = False
-        self._chunk_state = _ChunkDecoder()
+        self._chunk_state = ChunkDecoder()
         self._until_close = False
         self._paused = False
 
@@ -178,10 +178,10 @@ class UpstreamResponse:
         headers: CIMultiDict[str] = CIMultiDict()
         for line in lines[1:]:
             name, colon, value = line.partition(b":")
-            if not colon or not _TOKEN.fullmatch(name):
+            if not colon or not HEADER_NAME.fullmatch(name):
                 raise BadResponse(f"malformed header line {line[:80]!r}")
             value = value.strip(b" \t")
-            if _FORBIDDEN_IN_VALUE.search(value):
+            if FORBIDDEN_IN_VALUE.search(value):
                 raise BadResponse(f"control character in the value of {name[:40]!r}")
             try:
                 # Relayed as str and written back as UTF-8 by the server: anything else would change bytes.
@@ -345,55 +345,6 @@ class UpstreamResponse:
         if connection.response is self:
             connection.response = None
             connection._abort()
-
-
-class _ChunkDecoder:
-    """Incremental ``Transfer-Encoding: chunked`` decoding."""
-
-    def __init__(self) -> None:
-        self.buffer = b""
-        self.remaining = 0  # bytes of chunk data still to come
-        self.state = "size"  # size | data | data_crlf | trailers
-
-    def feed(self, data: bytes) -> tuple[list[bytes], bool]:
-        pieces: list[bytes] = []
-        buffer = self.buffer + data if self.buffer else data
-        self.buffer = b""
-        position = 0
-        while position < len(buffer):
-            if self.state == "data":
-                piece = buffer[position : position + self.remaining]
-                pieces.append(piece)
-                position += len(piece)
-                self.remaining -= len(piece)
-                if self.remaining == 0:
-                    self.state = "data_crlf"
-                continue
-            end = buffer.find(b"\r\n", position)
-            if end < 0:
-                self.buffer = buffer[position:]
-                if len(self.buffer) > 4096:
-                    raise ValueError("a chunk-size or trailer line longer than 4 KiB")
-                break
-            line = buffer[position:end]
-            position = end + 2
-            if self.state == "data_crlf":
-                if line:
-                    raise ValueError("chunk data longer than its declared size")
-                self.state = "size"
-            elif self.state == "size":
-                size_text = line.split(b";", 1)[0].strip()
-                try:
-                    size = int(size_text, 16)
-                except ValueError:
-                    raise ValueError(f"invalid chunk size {size_text[:20]!r}") from None
-                if size == 0:
-                    self.state = "trailers"
-                else:
-                    self.remaining, self.state = size, "data"
-            elif self.state == "trailers" and not line:
-                return pieces, True
-        return pieces, False
 
 
 class Pool:

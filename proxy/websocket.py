@@ -1,6 +1,7 @@
 """WebSocket relay: used when a client's request to the proxy asks to upgrade to a WebSocket.
 
-``Forwarder.handle`` sends every request carrying ``Upgrade: websocket`` here.
+The front hands every connection whose request carries ``Upgrade: websocket``
+to ``Upgrades``, an aiohttp server, which serves that request and closes.
 The upgrade is made *upstream first*, signed like any other request (SigV4
 headers, or a presigned URL with ``websocket_signing: query``). Only when the
 upstream accepts is the client's upgrade accepted, with the subprotocol the
@@ -17,7 +18,7 @@ The upstream leg uses the ``websockets`` library rather than aiohttp's
   connection (1009) on a frame over 32 KB even though it takes messages up to
   128 KB; ``websockets`` sends a message in fragments.
 
-The client leg is aiohttp's, since the proxy is an aiohttp server.
+The client leg is aiohttp's WebSocket implementation.
 
 Limits. API Gateway allows 32 KB frames, 128 KB messages, 10 minutes idle and
 2 hours per connection. The proxy imposes none of these: it relays messages up
@@ -37,6 +38,7 @@ import logging
 import re
 import socket
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import WSMsgType, web
@@ -49,7 +51,9 @@ from websockets.typing import Subprotocol
 from . import signing
 from .config import Route
 from .credentials import CredentialsUnavailable
-from .forwarding import HOP_BY_HOP, connection_tokens, error_response
+from .front import Refusal, error_body
+from .http1 import HOP_BY_HOP, connection_tokens
+from .logs import Exchange
 from .routing import Match
 
 if TYPE_CHECKING:
@@ -184,8 +188,60 @@ def upstream_ws_url(match: Match, query: signing.Query) -> str:
     return f"{scheme}://{route.upstream_host}{match.upstream_path}" + (f"?{query.wire}" if query.wire else "")
 
 
+def error_response(status: int, message: str, reason: str, **headers: str) -> web.Response:
+    """A JSON answer of the proxy's own, as the aiohttp response this side of the relay sends."""
+    return web.Response(
+        status=status, body=error_body(message, reason), content_type="application/json", headers=headers
+    )
+
+
+class Upgrades:
+    """The aiohttp server the front hands WebSocket upgrades to: each connection serves one and closes."""
+
+    def __init__(self, forwarder: Callable[[], Forwarder], header_timeout: float) -> None:
+        self.forwarder = forwarder  # the current one (it changes on reload)
+        self.relays: set[_Relay] = set()  # running now, so that a stopping server can close them
+        self.server = web.Server(self._handle, handler_cancellation=True, keepalive_timeout=header_timeout)
+
+    def protocol(self) -> Any:
+        return self.server()
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        forwarder = self.forwarder()
+        started = time.monotonic()
+        exchange = Exchange(request.method)
+        response: web.StreamResponse | None = None
+        try:
+            match, raw_query = forwarder.resolve(request.raw_path, request.headers, exchange)
+            response = await relay_websocket(forwarder, request, match, raw_query, self.relays)
+        except Refusal as refusal:
+            response = error_response(refusal.status, refusal.message, refusal.reason, **dict(refusal.headers))
+        except Exception:
+            log.exception("%s %s: internal error", request.method, exchange.path)
+            response = error_response(500, "signing-proxy failed on this request; see its log", "internal_error")
+        finally:
+            exchange.duration = time.monotonic() - started
+            if response is not None:
+                exchange.status = response.status
+            forwarder.observe(exchange)
+        response.force_close()  # what follows on this connection goes to the front, which has let it go
+        return response
+
+    async def close(self, grace: float) -> None:
+        """Close every relayed WebSocket with 1001 both ways, then the server.
+
+        Without it a stopping server waits its whole grace period for connections
+        that never end on their own, then drops them without a close frame.
+        """
+        relays = list(self.relays)
+        if relays:
+            log.info("closing %d WebSocket connection(s): the proxy is stopping", len(relays))
+            await asyncio.gather(*(relay.close(*SHUTTING_DOWN) for relay in relays), return_exceptions=True)
+        await self.server.shutdown(grace)
+
+
 async def relay_websocket(
-    forwarder: Forwarder, request: web.Request, match: Match, raw_query: str
+    forwarder: Forwarder, request: web.BaseRequest, match: Match, raw_query: str, relays: set[_Relay]
 ) -> web.StreamResponse:
     """Open the upstream WebSocket, then accept the client's and relay until either side closes."""
     route = match.route
@@ -197,7 +253,7 @@ async def relay_websocket(
             "and Sec-WebSocket-Version: 13)",
             "bad_websocket_upgrade",
         )
-    headers = forwarder.upstream_headers(request, route)
+    headers = forwarder.upstream_headers(request.headers, route)
     for name in HANDSHAKE_HEADERS:
         headers.popall(name, None)
     query = signing.normalize_query(raw_query)
@@ -261,7 +317,7 @@ async def relay_websocket(
         await _close_upstream(upstream, *CLIENT_LOST)
         raise
     try:
-        await _Relay(request, client, upstream, f"{route.path_prefix} {host}").run()
+        await _Relay(request, client, upstream, f"{route.path_prefix} {host}", relays).run()
     except asyncio.CancelledError:
         # aiohttp cancels the handler once the client's TCP connection is gone, and closing a
         # WebSocket closes that connection: a relay that ended normally is often cancelled in
@@ -273,18 +329,6 @@ async def relay_websocket(
         if task is not None:
             task.uncancel()
     return client
-
-
-async def close_websockets(app: web.Application) -> None:
-    """Close every relayed WebSocket of ``app`` with 1001 both ways (an ``on_shutdown`` hook).
-
-    Without it a stopping server waits its whole grace period for connections
-    that never end on their own, then drops them without a close frame.
-    """
-    relays = [relay for relay in _OPEN if relay.app is app]
-    if relays:
-        log.info("closing %d WebSocket connection(s): the proxy is stopping", len(relays))
-        await asyncio.gather(*(relay.close(*SHUTTING_DOWN) for relay in relays), return_exceptions=True)
 
 
 async def open_socket(route: Route, timeout: float) -> socket.socket:
@@ -361,7 +405,7 @@ async def _presigned(forwarder: Forwarder, match: Match, query: signing.Query) -
 def refusal_response(response: HandshakeResponse) -> web.Response:
     """The upstream's refusal of the upgrade, as a plain HTTP answer (hop-by-hop headers dropped)."""
     received: CIMultiDict[str] = CIMultiDict(response.headers.raw_items())
-    drop = HOP_BY_HOP | {"content-length"} | connection_tokens(received)
+    drop = HOP_BY_HOP | {"content-length"} | connection_tokens(received.getall("Connection", ()))
     headers: CIMultiDict[str] = CIMultiDict((k, v) for k, v in received.items() if k.lower() not in drop)
     return web.Response(
         status=response.status_code, reason=response.reason_phrase, body=bytes(response.body), headers=headers
@@ -370,8 +414,6 @@ def refusal_response(response: HandshakeResponse) -> web.Response:
 
 # ---------------------------------------------------------------- the relay
 
-# Relays running now, so that a stopping server can close them (see close_websockets).
-_OPEN: set[_Relay] = set()
 # Wind-down tasks of cancelled relays, referenced until they finish.
 _WINDING: set[asyncio.Future[None]] = set()
 
@@ -384,13 +426,18 @@ class _Relay:
     Whoever closes first decides the close code and reason the other side gets.
     """
 
-    __slots__ = ("app", "client", "client_closed", "label", "opened", "pending_ping", "request", "upstream")
+    __slots__ = ("client", "client_closed", "label", "opened", "pending_ping", "relays", "request", "upstream")
 
     def __init__(
-        self, request: web.Request, client: web.WebSocketResponse, upstream: ClientConnection, label: str
+        self,
+        request: web.BaseRequest,
+        client: web.WebSocketResponse,
+        upstream: ClientConnection,
+        label: str,
+        relays: set[_Relay],
     ) -> None:
         self.request = request
-        self.app = request.app
+        self.relays = relays
         self.client = client
         self.upstream = upstream
         self.label = label
@@ -400,7 +447,7 @@ class _Relay:
 
     async def run(self) -> None:
         downstream = asyncio.create_task(self._upstream_to_client())
-        _OPEN.add(self)
+        self.relays.add(self)
         try:
             close = await self._client_to_upstream()
             await downstream
@@ -431,7 +478,7 @@ class _Relay:
                 await downstream
         if not self.client.closed:
             await self.client.close(code=SHUTTING_DOWN[0], message=SHUTTING_DOWN[1].encode())
-        _OPEN.discard(self)
+        self.relays.discard(self)
 
     async def close(self, code: int, reason: str) -> None:
         """Close both sides with the same code, from outside the relay (the proxy is stopping)."""

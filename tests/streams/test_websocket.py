@@ -25,7 +25,7 @@ from awscrt.http import HttpHeaders, HttpRequest
 from websockets.asyncio.client import connect
 
 from proxy import signing
-from proxy.websocket import MAX_MESSAGE, UPSTREAM_FRAME_SIZE, close_websockets, presign_query
+from proxy.websocket import MAX_MESSAGE, UPSTREAM_FRAME_SIZE, presign_query
 
 from ..conftest import TEST_KEY_ID, TEST_REGION, TEST_SECRET, TEST_SESSION_TOKEN, static_route
 from ..rawhttp import raw_request
@@ -352,8 +352,7 @@ async def test_stopping_proxy_closes_websockets_with_1001_both_ways(ws_upstream,
     async with connect(ws_url(proxy)) as ws:
         await ws.send("hello")
         await ws.recv()
-        assert proxy._runner is not None
-        await close_websockets(proxy._runner.app)  # what the server's on_shutdown hook runs
+        await proxy.close()
         with pytest.raises(websockets.ConnectionClosed) as closed:
             async with asyncio.timeout(DEADLINE):
                 await ws.recv()

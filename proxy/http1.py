@@ -1,0 +1,115 @@
+"""HTTP/1.1 pieces both sides of the proxy share: header rules, chunked decoding, the Date value.
+
+The front (clients) and the upstream client parse HTTP/1.1 themselves; what
+a message may contain and how a chunked body is framed is the same for both.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterable
+
+TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"  # a method or header name (RFC 9110 5.6.2)
+HEADER_NAME = re.compile(TOKEN)
+FORBIDDEN_IN_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # controls but HTAB (RFC 9110 5.5)
+
+# RFC 9110 7.6.1 (plus Proxy-Authorization, which is addressed to us, never upstream).
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "proxy-connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-authorization",
+        "proxy-authenticate",
+    }
+)
+
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,15}")
+MAX_CHUNK_LINE = 4096
+
+
+def connection_tokens(connection_values: Iterable[str]) -> set[str]:
+    """Header names listed in ``Connection`` (they are hop-by-hop too), lower-cased."""
+    tokens: set[str] = set()
+    for value in connection_values:
+        tokens.update(t.strip().lower() for t in value.split(",") if t.strip())
+    return tokens
+
+
+def has_body(method: str, status: int) -> bool:
+    """Whether a response to ``method`` with ``status`` carries a body (RFC 9110 6.4.1)."""
+    return method != "HEAD" and status >= 200 and status not in (204, 304)
+
+
+_date_second = 0
+_date_value = ""
+
+
+def http_date() -> str:
+    """The current time as an HTTP Date value, formatted once a second."""
+    global _date_second, _date_value
+    now = int(time.time())
+    if now != _date_second:
+        _date_second = now
+        _date_value = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now))
+    return _date_value
+
+
+class ChunkDecoder:
+    """Incremental ``Transfer-Encoding: chunked`` decoding; ``rest`` holds what follows the last chunk.
+
+    Sizes are strict hex (no sign, prefix or underscore that ``int()`` would
+    take): a lenient reading here is how request smuggling starts.
+    """
+
+    def __init__(self) -> None:
+        self.buffer = b""
+        self.remaining = 0  # bytes of chunk data still to come
+        self.state = "size"  # size | data | data_crlf | trailers
+        self.rest = b""
+
+    def feed(self, data: bytes) -> tuple[list[bytes], bool]:
+        """The data bytes in ``data`` and whether the body ended; raises ValueError on bad framing."""
+        pieces: list[bytes] = []
+        buffer = self.buffer + data if self.buffer else data
+        self.buffer = b""
+        position = 0
+        while position < len(buffer):
+            if self.state == "data":
+                piece = buffer[position : position + self.remaining]
+                pieces.append(piece)
+                position += len(piece)
+                self.remaining -= len(piece)
+                if self.remaining == 0:
+                    self.state = "data_crlf"
+                continue
+            end = buffer.find(b"\r\n", position)
+            if end < 0:
+                self.buffer = buffer[position:]
+                if len(self.buffer) > MAX_CHUNK_LINE:
+                    raise ValueError("a chunk-size or trailer line longer than 4 KiB")
+                break
+            line = buffer[position:end]
+            position = end + 2
+            if self.state == "data_crlf":
+                if line:
+                    raise ValueError("chunk data longer than its declared size")
+                self.state = "size"
+            elif self.state == "size":
+                size_text = line.split(b";", 1)[0].rstrip(b" \t")
+                if not _CHUNK_SIZE.fullmatch(size_text):
+                    raise ValueError(f"invalid chunk size {size_text[:20]!r}")
+                size = int(size_text, 16)
+                if size == 0:
+                    self.state = "trailers"
+                else:
+                    self.remaining, self.state = size, "data"
+            elif self.state == "trailers" and not line:
+                self.rest = buffer[position:]
+                return pieces, True
+        return pieces, False
