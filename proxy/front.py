@@ -34,7 +34,7 @@ from typing import Any
 
 from multidict import CIMultiDict
 
-from .http1 import TOKEN, ChunkDecoder, connection_tokens, http_date
+from .http1 import TOKEN, ChunkDecoder, connection_tokens, http_date, malformed_line, parse_fields
 
 log = logging.getLogger("signing_proxy.front")
 
@@ -45,7 +45,6 @@ EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 URI_TOO_LONG, HEADERS_TOO_LARGE = 414, 431
 
 _REQUEST_LINE = re.compile(rb"(" + TOKEN + rb") ([\x21-\x7e\x80-\xff]+) HTTP/([0-9])\.([0-9])")
-_HEADER_LINE = re.compile(rb"(" + TOKEN + rb"):[ \t]*([\t\x20-\x7e\x80-\xff]*?)[ \t]*")
 _DIGITS = re.compile(r"[0-9]{1,18}")
 
 
@@ -432,12 +431,12 @@ class Connection(asyncio.Protocol):
         self.task = asyncio.get_running_loop().create_task(self.front.handler(request))
 
     def _parse_head(self, head: bytes) -> Request:
-        lines = head.split(b"\r\n")
-        if len(lines[0]) > MAX_LINE:
+        request_line, _, fields = head.partition(b"\r\n")
+        if len(request_line) > MAX_LINE:
             raise too_large(URI_TOO_LONG)
-        line = _REQUEST_LINE.fullmatch(lines[0])
+        line = _REQUEST_LINE.fullmatch(request_line)
         if line is None:
-            raise Refusal(f"malformed request line {lines[0][:80]!r}")
+            raise Refusal(f"malformed request line {request_line[:80]!r}")
         method, raw_target, major, minor = line.groups()
         if major != b"1" or minor not in (b"0", b"1"):
             raise Refusal("signing-proxy speaks HTTP/1.1 (and 1.0)", 505, "http_version_not_supported")
@@ -447,18 +446,14 @@ class Connection(asyncio.Protocol):
             raise Refusal(
                 "the request target must be UTF-8 (percent-encode other bytes)", reason="bad_request_target"
             ) from None
-        if len(lines) > MAX_HEADERS + 1:
+        block = fields + b"\r\n" if fields else b""
+        if block.count(b"\r\n") > MAX_HEADERS:
             raise too_large(HEADERS_TOO_LARGE)
-        pairs = []
-        for header in lines[1:]:
-            field = _HEADER_LINE.fullmatch(header)
-            if field is None:
-                if len(header) > MAX_LINE:
-                    raise too_large(HEADERS_TOO_LARGE)
-                raise Refusal(f"malformed header line {header[:80]!r}")
-            if len(header) > MAX_LINE:
-                raise too_large(HEADERS_TOO_LARGE)
-            pairs.append((field[1].decode("ascii"), field[2].decode("utf-8", "surrogateescape")))
+        if len(block) > MAX_LINE and any(len(field) > MAX_LINE for field in block.split(b"\r\n")):
+            raise too_large(HEADERS_TOO_LARGE)
+        pairs = parse_fields(block, "surrogateescape")  # bytes that are not UTF-8 go upstream unchanged
+        if pairs is None:
+            raise Refusal(f"malformed header line {malformed_line(block)[:80]!r}")
         # Upper-cased as aiohttp's parser did: upstreams behind aiohttp-style parsers see it so.
         return Request(self, method.decode("ascii").upper(), target, minor == b"1", CIMultiDict(pairs))
 

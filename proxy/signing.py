@@ -189,9 +189,9 @@ def string_to_sign(amz_date: str, scope: str, canonical: str) -> str:
 @lru_cache(maxsize=64)
 def signing_key(secret_access_key: str, datestamp: str, region: str, service: str) -> bytes:
     """The derived key; cached because it changes once a day per secret, region and service."""
-    key = hmac.new(("AWS4" + secret_access_key).encode(), datestamp.encode(), hashlib.sha256).digest()
+    key = hmac.digest(("AWS4" + secret_access_key).encode(), datestamp.encode(), "sha256")
     for part in (region, service, "aws4_request"):
-        key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+        key = hmac.digest(key, part.encode(), "sha256")
     return key
 
 
@@ -218,7 +218,7 @@ def sign(
     scope = credential_scope(amz_date[:8], region, service)
     to_sign = string_to_sign(amz_date, scope, canonical)
     key = signing_key(secret_access_key, amz_date[:8], region, service)
-    signature = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
+    signature = hmac.digest(key, to_sign.encode(), "sha256").hex()  # one call into OpenSSL, no HMAC object
     authorization = (
         f"{ALGORITHM} Credential={access_key_id}/{scope}, SignedHeaders={signed_headers}, Signature={signature}"
     )

@@ -23,7 +23,7 @@ from collections.abc import Iterable
 
 from multidict import CIMultiDict
 
-from .http1 import FORBIDDEN_IN_VALUE, HEADER_NAME, ChunkDecoder
+from .http1 import ChunkDecoder, malformed_line, parse_fields
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 HIGH_WATER = 1 << 20  # pause reading from the upstream above this much unread body
@@ -154,7 +154,7 @@ class UpstreamResponse:
         self._keep_alive = True
         self._remaining: int | None = None  # Content-Length left to read
         self._chunked = False
-        self._chunk_state = ChunkDecoder()
+        self._chunk_state: ChunkDecoder | None = None
         self._until_close = False
         self._paused = False
 
@@ -163,7 +163,7 @@ class UpstreamResponse:
     def parse_head(self, head: bytes) -> bool:
         """Parse the status line and headers; True for a 1xx interim answer (ignored)."""
         self.received_any = True
-        lines = head.split(b"\r\n")
+        lines = head.split(b"\r\n", 1)
         status_line = lines[0].decode("latin-1")
         version, _, rest = status_line.partition(" ")
         code, _, reason = rest.partition(" ")
@@ -175,20 +175,15 @@ class UpstreamResponse:
         if not 200 <= status <= 599:
             # 101 included: this client never asks to switch protocols (WebSockets go elsewhere).
             raise BadResponse(f"unexpected status {status}")
-        headers: CIMultiDict[str] = CIMultiDict()
-        for line in lines[1:]:
-            name, colon, value = line.partition(b":")
-            if not colon or not HEADER_NAME.fullmatch(name):
-                raise BadResponse(f"malformed header line {line[:80]!r}")
-            value = value.strip(b" \t")
-            if FORBIDDEN_IN_VALUE.search(value):
-                raise BadResponse(f"control character in the value of {name[:40]!r}")
-            try:
-                # Relayed as str and written back as UTF-8 by the server: anything else would change bytes.
-                text = value.decode("utf-8")
-            except UnicodeDecodeError:
-                raise BadResponse(f"the value of {name[:40]!r} is not UTF-8 and cannot be relayed unchanged") from None
-            headers.add(name.decode("ascii"), text)
+        block = lines[1] + b"\r\n" if len(lines) > 1 else b""
+        try:
+            fields = parse_fields(block)
+        except UnicodeDecodeError:
+            # Relayed as str and written back as UTF-8: anything else would change bytes.
+            raise BadResponse("a header value is not UTF-8 and cannot be relayed unchanged") from None
+        if fields is None:
+            raise BadResponse(f"malformed header line {malformed_line(block)[:80]!r}")
+        headers = CIMultiDict(fields)
         self.status, self.reason, self.headers = status, reason, headers
         connection = headers.get("Connection", "").lower()
         self._keep_alive = version == "HTTP/1.1" and "close" not in connection
@@ -206,6 +201,7 @@ class UpstreamResponse:
             self._finish_body()
         elif transfer:
             self._chunked = True
+            self._chunk_state = ChunkDecoder()
         elif lengths:
             self.content_length = self._remaining = int(next(iter(lengths)))
             if self._remaining == 0:
@@ -225,7 +221,7 @@ class UpstreamResponse:
             return
         if self._chunked:
             try:
-                pieces, done = self._chunk_state.feed(data)
+                pieces, done = self._chunk_state.feed(data)  # type: ignore[union-attr]
             except ValueError as error:
                 self.fail(BadResponse(str(error)))
                 self.connection._abort()
@@ -278,6 +274,11 @@ class UpstreamResponse:
             self._head_waiter.set_exception(error)
             self._head_waiter.exception()  # retrieved: the sender may already have given up
         self._wake()
+
+    def time_out(self, seconds: float) -> None:
+        """No response head within ``seconds`` (a timer's callback, cheaper than a timeout scope)."""
+        if not self.headers_done:
+            self.fail(FirstByteTimeout(f"no response within {seconds:g}s"))
 
     def _wake(self) -> None:
         waiter = self._body_waiter
@@ -438,13 +439,13 @@ class Pool:
                 transport.write(message)
             else:
                 transport.writelines((head, *body))
+            timer = asyncio.get_running_loop().call_later(first_byte_timeout, response.time_out, first_byte_timeout)
             try:
-                async with asyncio.timeout(first_byte_timeout):
-                    await response.wait_head()
+                await response.wait_head()
                 return response
-            except TimeoutError:
+            except FirstByteTimeout:
                 response.close()
-                raise FirstByteTimeout(f"no response within {first_byte_timeout:g}s") from None
+                raise
             except Disconnected:
                 # A pooled connection the upstream had closed while idle: only a request
                 # that may safely run twice is sent again, on a fresh connection.
@@ -453,6 +454,8 @@ class Pool:
             except BaseException:
                 response.close()
                 raise
+            finally:
+                timer.cancel()
         raise AssertionError("unreachable")  # pragma: no cover
 
     def close(self) -> None:
