@@ -147,7 +147,7 @@ class Forwarder:
             headers["Authorization"] = tokens.id_token if route.auth == "cognito_id_token" else tokens.access_token
             return f"{route.credentials} ({route.auth})"
         credentials = await provider.aws_credentials()
-        amz_date = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() + self.clock_offset))
+        amz_date = signing.amz_date(time.time() + self.clock_offset)
         headers["X-Amz-Date"] = amz_date
         headers["X-Amz-Content-Sha256"] = payload_sha256
         if credentials.session_token:

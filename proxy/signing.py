@@ -1,4 +1,4 @@
-"""SigV4 signing as pure functions: no I/O, no clock, no credentials lookup.
+"""SigV4 signing as pure functions: no I/O, no credentials lookup, the clock only as an argument.
 
 The proxy never trusts the client's encoding of the path and query. It turns
 them into one normal form (``normalize_path``, ``normalize_query``) and puts
@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -184,6 +185,19 @@ def credential_scope(datestamp: str, region: str, service: str) -> str:
 def string_to_sign(amz_date: str, scope: str, canonical: str) -> str:
     digest = hashlib.sha256(canonical.encode("utf-8", "surrogateescape")).hexdigest()
     return f"{ALGORITHM}\n{amz_date}\n{scope}\n{digest}"
+
+
+_amz_second = 0
+_amz_value = ""
+
+
+def amz_date(now: float) -> str:
+    """``now`` (epoch seconds) as an X-Amz-Date value, ``YYYYMMDDTHHMMSSZ``; formatted once a second."""
+    global _amz_second, _amz_value
+    second = int(now)
+    if second != _amz_second:
+        _amz_second, _amz_value = second, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(second))
+    return _amz_value
 
 
 @lru_cache(maxsize=64)

@@ -387,7 +387,7 @@ async def _presigned(forwarder: Forwarder, match: Match, query: signing.Query) -
     """The query with the route's credentials presigned into it (``websocket_signing: query``)."""
     route = match.route
     credentials = await forwarder.providers[route.credentials].aws_credentials()
-    amz_date = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() + forwarder.clock_offset))
+    amz_date = signing.amz_date(time.time() + forwarder.clock_offset)
     return presign_query(
         "GET",
         match.upstream_path,
