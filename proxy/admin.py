@@ -49,6 +49,7 @@ def admin_app(state: Callable[[], tuple[Config, dict[str, Provider]]], metrics: 
         return web.json_response({"status": "ready"})
 
     async def metrics_text(request: web.Request) -> web.Response:
+        metrics.flush()  # this process's queued requests (other workers flush within FLUSH_DELAY)
         body = generate_latest(metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

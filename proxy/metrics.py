@@ -1,15 +1,22 @@
 """Prometheus metrics, one registry per running proxy.
 
-Counters and histograms are updated on the request path; values that already
-live elsewhere (credential refresh counts, open connections) are read at
-scrape time by a collector instead of being mirrored on every change.
+A finished request is only queued on the request path; ``flush`` adds up the
+queue and updates counters and histograms once per series, at most
+``FLUSH_DELAY`` later and before every scrape. Updating them per request cost
+5 µs, 9 µs with worker processes (each update is a write to a shared file):
+a tenth of a small proxied request. Values that already live elsewhere
+(credential refresh counts, open connections) are read at scrape time by a
+collector instead of being mirrored on every change.
 prometheus-client is used because its text format and histogram semantics
 are what every scraper expects, and they are easy to get subtly wrong.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
+from bisect import bisect_left
+from collections import Counter as Tally
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -20,6 +27,7 @@ from prometheus_client.registry import Collector
 from .logs import Exchange
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900)
+FLUSH_DELAY = 0.05  # seconds a finished request may wait before it is counted (scrapes flush first)
 
 
 class Metrics:
@@ -72,33 +80,59 @@ class Metrics:
         )  # fmt: skip
         self._requests_by_key: dict[tuple[str, str, int], Any] = {}
         self._per_route: dict[str, tuple[Any, Any, Any, Any]] = {}
+        self._pending: list[Exchange] = []
+        self._flush_timer: asyncio.TimerHandle | None = None
 
     def observe(self, exchange: Exchange) -> None:
-        """Count one finished request."""
-        route = exchange.route
-        key = (route, exchange.method, exchange.status // 100)
-        requests = self._requests_by_key.get(key)
-        if requests is None:  # labels() costs a lock and a dict walk: look each series up once
-            requests = self._requests_by_key[key] = self.requests.labels(route, key[1], f"{key[2]}xx")
-        requests.inc()
-        per_route = self._per_route.get(route)
-        if per_route is None:
-            per_route = self._per_route[route] = (
-                self.duration.labels(route),
-                self.upstream_first_byte.labels(route),
-                self.bytes_in.labels(route),
-                self.bytes_out.labels(route),
-            )
-        duration, first_byte, bytes_in, bytes_out = per_route
-        duration.observe(exchange.duration)
-        if exchange.upstream_first_byte is not None:
-            first_byte.observe(exchange.upstream_first_byte)
-        if exchange.bytes_in:
-            bytes_in.inc(exchange.bytes_in)
-        if exchange.bytes_out:
-            bytes_out.inc(exchange.bytes_out)
-        if exchange.error_kind:
-            self.upstream_errors.labels(route, exchange.error_kind).inc()
+        """Count one finished request (within ``FLUSH_DELAY``)."""
+        self._pending.append(exchange)
+        if self._flush_timer is None:
+            try:
+                self._flush_timer = asyncio.get_running_loop().call_later(FLUSH_DELAY, self.flush)
+            except RuntimeError:  # no event loop: count at once
+                self.flush()
+
+    def flush(self) -> None:
+        """Count every queued request: each series is updated once, by the sum of its requests."""
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        pending, self._pending = self._pending, []
+        requests: Tally[tuple[str, str, int]] = Tally()
+        errors: Tally[tuple[str, str]] = Tally()
+        routes: dict[str, _RouteTally] = {}
+        for exchange in pending:
+            route = exchange.route
+            requests[(route, exchange.method, exchange.status // 100)] += 1
+            tally = routes.get(route)
+            if tally is None:
+                tally = routes[route] = _RouteTally()
+            tally.add(exchange)
+            if exchange.error_kind:
+                errors[(route, exchange.error_kind)] += 1
+        for key, count in requests.items():
+            series = self._requests_by_key.get(key)
+            if series is None:  # labels() costs a lock and a dict walk: look each series up once
+                series = self._requests_by_key[key] = self.requests.labels(key[0], key[1], f"{key[2]}xx")
+            series.inc(count)
+        for route, tally in routes.items():
+            per_route = self._per_route.get(route)
+            if per_route is None:
+                per_route = self._per_route[route] = (
+                    self.duration.labels(route),
+                    self.upstream_first_byte.labels(route),
+                    self.bytes_in.labels(route),
+                    self.bytes_out.labels(route),
+                )
+            duration, first_byte, bytes_in, bytes_out = per_route
+            add_to_histogram(duration, tally.duration_buckets, tally.duration_sum)
+            add_to_histogram(first_byte, tally.first_byte_buckets, tally.first_byte_sum)
+            if tally.bytes_in:
+                bytes_in.inc(tally.bytes_in)
+            if tally.bytes_out:
+                bytes_out.inc(tally.bytes_out)
+        for (route, kind), count in errors.items():
+            self.upstream_errors.labels(route, kind).inc(count)
 
     def watch(self, providers: Callable[[], dict[str, Any]]) -> None:
         """Report credential refreshes and readiness, read from the providers when scraped."""
@@ -126,3 +160,42 @@ class _CredentialsCollector(Collector):
                 ready.add_metric([name], 1.0 if provider.status()["ready"] else 0.0)
         yield refreshes
         yield ready
+
+
+class _RouteTally:
+    """One route's share of a flush: histogram bucket counts and sums, byte totals."""
+
+    __slots__ = ("bytes_in", "bytes_out", "duration_buckets", "duration_sum", "first_byte_buckets", "first_byte_sum")
+
+    def __init__(self) -> None:
+        self.duration_buckets = [0] * (len(LATENCY_BUCKETS) + 1)  # the last one is +Inf
+        self.first_byte_buckets = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.duration_sum = self.first_byte_sum = 0.0
+        self.bytes_in = self.bytes_out = 0
+
+    def add(self, exchange: Exchange) -> None:
+        self.duration_buckets[bisect_left(LATENCY_BUCKETS, exchange.duration)] += 1
+        self.duration_sum += exchange.duration
+        first_byte = exchange.upstream_first_byte
+        if first_byte is not None:
+            self.first_byte_buckets[bisect_left(LATENCY_BUCKETS, first_byte)] += 1
+            self.first_byte_sum += first_byte
+        self.bytes_in += exchange.bytes_in
+        self.bytes_out += exchange.bytes_out
+
+
+def add_to_histogram(histogram: Any, bucket_counts: list[int], total: float) -> None:
+    """Add many observations to a histogram child at once.
+
+    prometheus-client observes one value at a time; its children keep a value per
+    bucket (``_buckets``, non-cumulative: an observation lands in the first bucket
+    whose bound is not below it) and ``_sum``. tests/test_operations.py checks the
+    exposed buckets, sum and count against the requests made.
+    """
+    if not any(bucket_counts):
+        return
+    histogram._raise_if_not_observable()
+    for index, count in enumerate(bucket_counts):
+        if count:
+            histogram._buckets[index].inc(count)
+    histogram._sum.inc(total)

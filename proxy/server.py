@@ -161,6 +161,7 @@ class ProxyServer:
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
         self._pool.close()
+        self.metrics.flush()
 
 
 def source_chain(config: Config, name: str) -> list[object]:

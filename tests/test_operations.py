@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -51,6 +52,12 @@ async def test_admin_health_ready_and_metrics(sigv4_upstream, start_proxy) -> No
     assert 'signing_proxy_requests_total{method="POST",route="/broken",status_class="5xx"} 1.0' in metrics
     assert 'signing_proxy_request_body_bytes_total{route="/"} 10.0' in metrics
     assert 'signing_proxy_upstream_first_byte_seconds_count{route="/"} 2.0' in metrics
+    # histogram buckets are cumulative and end with every observation in +Inf
+    buckets = re.findall(r'signing_proxy_request_duration_seconds_bucket\{le="([^"]+)",route="/"\} (\S+)', metrics)
+    counts = [float(count) for _, count in buckets]
+    assert buckets[-1] == ("+Inf", "2.0") and counts == sorted(counts) and counts[0] < 2
+    [total] = re.findall(r'signing_proxy_request_duration_seconds_sum\{route="/"\} (\S+)', metrics)
+    assert 0 < float(total) < 10
     assert 'signing_proxy_credential_refreshes_total{result="failure",source="missing"}' in metrics
     assert "signing_proxy_open_connections" in metrics
     # the main port reserves no path: /healthz there goes upstream
@@ -241,8 +248,11 @@ async def test_workers_share_the_port_sum_metrics_and_survive_a_crash(sigv4_upst
             for _ in range(20):
                 async with client.get(f"http://127.0.0.1:{port}/w") as r:
                     assert r.status == 200
-        _, metrics = await get(f"http://127.0.0.1:{admin}/metrics")
-        assert 'signing_proxy_requests_total{method="GET",route="/",status_class="2xx"} 20.0' in metrics
+        # each worker counts its requests within metrics.FLUSH_DELAY: scrape until both have
+        total = 'signing_proxy_requests_total{method="GET",route="/",status_class="2xx"} 20.0'
+        async with asyncio.timeout(5):
+            while total not in (await get(f"http://127.0.0.1:{admin}/metrics"))[1]:
+                pass
         os.kill(workers[1], signal.SIGKILL)  # a crashed worker is replaced; the port keeps answering
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as client:
             for _ in range(20):
