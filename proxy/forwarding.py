@@ -23,10 +23,10 @@ from typing import Any
 
 from multidict import CIMultiDict
 
-from . import signing
+from . import signing, splice
 from .config import Config, Route
 from .credentials import CredentialsUnavailable, Provider
-from .front import BodyTooLarge, Refusal, Request
+from .front import BodyTooLarge, Refusal, Request, Response
 from .http1 import HOP_BY_HOP, connection_tokens, has_body
 from .logs import Exchange, access_log, log_access
 from .metrics import Metrics
@@ -306,6 +306,10 @@ class Forwarder:
         if complete:
             response.send(first, length=not framed)  # a chunked or close-delimited body becomes a plain one
             return
+        length = upstream.spliceable()
+        if length >= splice.SPLICE_FROM and splice.AVAILABLE and request.connection.output_idle():
+            await self._splice(request, response, upstream, first, length, exchange)
+            return
         response.start(first, framed=framed)
         try:
             while chunk := await upstream.readany():  # idle_timeout bounds each wait
@@ -322,6 +326,38 @@ class Forwarder:
             response.abort()
             upstream.close()
             return
+        response.finish()
+
+    async def _splice(
+        self,
+        request: Request,
+        response: Response,
+        upstream: UpstreamResponse,
+        first: bytes,
+        length: int,
+        exchange: Exchange,
+    ) -> None:
+        """Send a large body of known length socket to socket (see ``splice``)."""
+        upstream_transport, client_transport = upstream.connection.transport, request.connection.transport
+        assert upstream_transport is not None and client_transport is not None
+        head = response.head(framed=True)
+        try:
+            await splice.splice_body(upstream_transport, client_transport, head + first, length, upstream.idle_timeout)
+        except (splice.UpstreamClosed, TimeoutError) as error:
+            kind = "upstream_idle_timeout" if isinstance(error, TimeoutError) else "upstream_body_cut"
+            exchange.error_kind = kind
+            log.warning("%s %s: upstream body cut short (%s); aborting the client connection", exchange.method,
+                        exchange.path, kind)  # fmt: skip
+            response.abort()
+            upstream.close()
+            return
+        except splice.ClientClosed:
+            exchange.client_gone = True
+            response.abort()
+            upstream.close()
+            return
+        exchange.bytes_out = len(first) + length
+        upstream.spliced()
         response.finish()
 
     def observe(self, exchange: Exchange) -> None:

@@ -311,6 +311,13 @@ class Response:
         Without a length the body is sent chunked to an HTTP/1.1 client, and
         delimited by closing the connection to an HTTP/1.0 one.
         """
+        head = self.head(framed=framed)
+        if self._chunked and first:
+            first = b"%x\r\n%b\r\n" % (len(first), first)
+        self.request.connection.write(head + first if first else head)
+
+    def head(self, *, framed: bool) -> bytes:
+        """The head of a streamed answer (``start`` sends it; ``splice`` sends it itself)."""
         extra = ""
         if not framed:
             if self.request.http11:
@@ -318,10 +325,7 @@ class Response:
                 extra = "Transfer-Encoding: chunked\r\n"
             else:
                 self.request.keep_alive = False
-        head = self._head_bytes(extra)
-        if self._chunked and first:
-            first = b"%x\r\n%b\r\n" % (len(first), first)
-        self.request.connection.write(head + first if first else head)
+        return self._head_bytes(extra)
 
     def write(self, chunk: bytes) -> None:
         connection = self.request.connection
@@ -514,6 +518,10 @@ class Connection(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         if self.transport is not None:
             self.transport.write(data)
+
+    def output_idle(self) -> bool:
+        """Nothing written is still waiting to be sent (so the socket may be written directly)."""
+        return self.transport is not None and self.transport.get_write_buffer_size() == 0
 
     def writelines(self, data: tuple[bytes, ...]) -> None:
         if self.transport is not None:

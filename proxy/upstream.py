@@ -300,6 +300,17 @@ class UpstreamResponse:
         self._consumed()
         return data
 
+    def spliceable(self) -> int:
+        """Body bytes still to come that may bypass Python (see ``splice``): a known length over plain TCP."""
+        if self._remaining is None or self._error is not None or self.connection.key[0] != "http":
+            return 0
+        return self._remaining if not self._chunks else 0
+
+    def spliced(self) -> None:
+        """The rest of the body went from the socket to the client without passing through here."""
+        self._remaining = 0
+        self._finish_body()
+
     def is_eof(self) -> bool:
         """True once the whole body has arrived and been read."""
         return self._eof and not self._chunks
