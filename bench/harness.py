@@ -271,9 +271,37 @@ def nginx_version() -> str | None:
     return (result.stderr or result.stdout).strip().rpartition("/")[2] or "?"
 
 
-def start_nginx(workdir: Path) -> tuple[subprocess.Popen, int]:
-    """nginx in the foreground, everything (pid, logs, temp paths) under ``workdir``."""
-    directory = workdir / "nginx"
+# nginx as a reverse proxy in front of the built-in upstream: a reference relay written in C for
+# the stream scenario (buffering on, in memory only: nginx's fastest setting on this path).
+NGINX_RELAY_CONF = """\
+worker_processes 1;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    proxy_temp_path {dir}/proxy;
+    client_body_temp_path {dir}/body;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    upstream app {{ server 127.0.0.1:{upstream_port}; keepalive 16; }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection "";
+            proxy_buffering on; proxy_max_temp_file_size 0;
+        }}
+    }}
+}}
+"""
+
+
+def start_nginx(
+    workdir: Path, template: str = NGINX_CONF, name: str = "nginx", **fields: int
+) -> tuple[subprocess.Popen, int]:
+    """nginx in the foreground, everything (pid, logs, temp paths) under ``workdir / name``."""
+    directory = workdir / name
     directory.mkdir()
     os.chmod(workdir, 0o755)  # workers run as an unprivileged user when started by root
     os.chmod(directory, 0o755)
@@ -282,7 +310,7 @@ def start_nginx(workdir: Path) -> tuple[subprocess.Popen, int]:
         os.chmod(directory / name, 0o644)
     port = free_port()
     conf = directory / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(dir=directory, port=port))
+    conf.write_text(template.format(dir=directory, port=port, **fields))
     process = subprocess.Popen(
         ["nginx", "-e", str(directory / "error.log"), "-p", str(directory), "-c", str(conf), "-g", "daemon off;"],
         start_new_session=True,

@@ -46,17 +46,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import (
     BENCH,
     ENV,
+    NGINX_RELAY_CONF,
     Upstream,
     Usage,
     cpu_seconds,
     download,
     first_ok,
     free_port,
+    nginx_version,
     parse_size,
     process_tree,
     proxy_supports_workers,
     proxy_version,
     run_async,
+    start_nginx,
     start_proxy,
     start_upstreams,
     stop_process,
@@ -234,7 +237,11 @@ def timed_download(url: str, size: int, pid: int) -> tuple[float, float, float]:
 def scenario_stream(upstream: Upstream, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     size = args.size_bytes
     proxy, _ = start_proxy(workdir, upstream.app_url, "warning", args.proxy_workers)
-    direct_runs, proxied_runs = [], []
+    relay = None
+    if args.nginx and nginx_version():  # a C reverse proxy on the same path, for reference
+        app_port = int(upstream.app_url.rsplit(":", 1)[1])
+        relay = start_nginx(workdir, NGINX_RELAY_CONF, "nginx-relay", upstream_port=app_port)
+    direct_runs, proxied_runs, relay_runs = [], [], []
     probe = 1 << 20
     probes: dict[str, list[float]] = {"direct": [], "proxy": []}
     try:
@@ -243,9 +250,12 @@ def scenario_stream(upstream: Upstream, args: argparse.Namespace, workdir: Path)
         usage = Usage(proxy.pid).start()
         upstream_usage = Usage(upstream.app_pid).start()
         for round_number in range(args.stream_rounds):
-            progress(f"{size / MIB:.0f} MiB stream, round {round_number + 1}/{args.stream_rounds}: direct, proxy")
+            order = "direct, proxy" + (", nginx reverse proxy" if relay else "")
+            progress(f"{size / MIB:.0f} MiB stream, round {round_number + 1}/{args.stream_rounds}: {order}")
             direct_runs.append(timed_download(f"{upstream.app_url}/big?size={size}", size, upstream.app_pid))
             proxied_runs.append(timed_download(f"{proxy.url}/big?size={size}", size, proxy.pid))
+            if relay:
+                relay_runs.append(timed_download(f"http://127.0.0.1:{relay[1]}/big?size={size}", size, relay[0].pid))
         usage.stop()
         upstream_usage.stop()
         progress(f"time to first byte: {args.ttfb_probes} streamed downloads of 1 MiB each way")
@@ -254,6 +264,8 @@ def scenario_stream(upstream: Upstream, args: argparse.Namespace, workdir: Path)
             probes["proxy"].append(timed_download(f"{proxy.url}/big?size={probe}", probe, proxy.pid)[0])
     finally:
         proxy.stop()
+        if relay:
+            stop_process(relay[0])
 
     def summary(
         runs: list[tuple[float, float, float]], ttfbs: list[float], rss_before: int, peak: int
@@ -279,6 +291,7 @@ def scenario_stream(upstream: Upstream, args: argparse.Namespace, workdir: Path)
         "ratio": ratios(proxied, direct, ("ttfb_ms", "throughput_mib_s", "cpu_s_per_gib", "peak_rss_mib")),
         "ttfb_probes": len(probes["proxy"]),
         "ttfb_added_ms": proxied["ttfb_ms"] - direct["ttfb_ms"],
+        "nginx_relay_mib_s": statistics.median(size / MIB / run[1] for run in relay_runs) if relay_runs else None,
         "peak_reset": usage.peak_reset,
     }
 
@@ -543,6 +556,12 @@ def report(results: dict[str, Any], env: dict[str, Any]) -> str:
             f"  time to first byte added by the proxy: {r['ttfb_added_ms']:.2f} ms "
             f"(median of {r['ttfb_probes']} streamed downloads each way; first body byte, connect included)"
         )
+        if r.get("nginx_relay_mib_s"):
+            out.append(
+                f"  reference: nginx as a reverse proxy on the same path, {r['nginx_relay_mib_s']:,.0f} MiB/s "
+                f"({r['nginx_relay_mib_s'] / d['throughput_mib_s']:.2f} of direct; the proxy is "
+                f"{p['throughput_mib_s'] / r['nginx_relay_mib_s']:.2f} times as fast)"
+            )
     if "sse" in results:
         r = results["sse"]
         p, d, q = r["proxy"], r["direct"], r["ratio"]
