@@ -221,7 +221,7 @@ class Forwarder:
         target = match.upstream_path + (f"?{query.wire}" if query.wire else "")
         upstream = await self._send(request.method, route, target, headers, body, exchange)
         try:
-            prefetched = await self._check_clock_skew(route, upstream) if upstream.status == 403 else None
+            prefetched = await self._check_clock_skew(route, upstream, exchange) if upstream.status == 403 else None
             await self._relay(request, upstream, exchange, prefetched)
         except BaseException:
             upstream.close()  # a half-read connection never goes back to the pool
@@ -252,14 +252,21 @@ class Forwarder:
         exchange.upstream_first_byte = time.monotonic() - sent
         return upstream
 
-    async def _check_clock_skew(self, route: Route, upstream: UpstreamResponse) -> bytes | None:
+    async def _check_clock_skew(self, route: Route, upstream: UpstreamResponse, exchange: Exchange) -> bytes | None:
         """Read a small 403 body; when AWS says our time is off, correct the signing clock by its Date.
 
         Returns the body read (to relay as it is), or None when it was left unread.
         """
         if route.auth != "sigv4" or (upstream.content_length or 0) > 65536 or upstream.content_length is None:
             return None
-        body = await upstream.read()
+        try:
+            body = await upstream.read()
+        except TimeoutError:
+            exchange.error_kind = "upstream_idle_timeout"
+            raise Refusal(f"{route.upstream_host}: the 403 body stopped arriving", 504, exchange.error_kind) from None
+        except UpstreamError as error:
+            exchange.error_kind = error.reason
+            raise Refusal(f"{route.upstream_host}: {error}", 502, error.reason) from None
         if SKEW_ERROR.search(body):
             offset = clock_offset(upstream.headers.get("Date"))
             if offset is not None and abs(offset - self.clock_offset) >= 1.0:

@@ -248,8 +248,13 @@ class Request:
             if self.expect_continue:
                 self.expect_continue = False
                 self.connection.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            self._body_waiter = asyncio.get_running_loop().create_future()
-            await self._body_waiter
+            loop = asyncio.get_running_loop()
+            self._body_waiter = loop.create_future()
+            self.connection.deadline = loop.time() + self.connection.front.header_timeout  # a stalled upload: 408
+            try:
+                await self._body_waiter
+            finally:
+                self.connection.deadline = None
         if self._body_error is not _BODY_READ:
             raise self._body_error  # type: ignore[misc]
         return self._body_parts, self._body_size, self._digest.hexdigest()
@@ -376,10 +381,11 @@ class Connection(asyncio.Protocol):
         if request is not None:
             if request.body_pending:
                 data = request.feed(data)
+            if request._body_waiter is not None:
+                self.deadline = asyncio.get_running_loop().time() + self.front.header_timeout
             if data:
                 self.buffer += data
-                if len(self.buffer) > MAX_HEAD and self.transport is not None:
-                    self.transport.pause_reading()  # a pipelined request waits its turn
+                self._update_reading()  # a pipelined request waits its turn, in at most MAX_HEAD bytes
             return
         self.buffer = self.buffer + data if self.buffer else data
         self._next_request()
@@ -395,13 +401,29 @@ class Connection(asyncio.Protocol):
         self.transport = None
 
     def pause_writing(self) -> None:
+        """The client reads slower than we answer: stop reading its requests until it catches up."""
         if self.drain_waiter is None:
             self.drain_waiter = asyncio.get_running_loop().create_future()
+        self._update_reading()
 
     def resume_writing(self) -> None:
         waiter, self.drain_waiter = self.drain_waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+        self._update_reading()
+        if self.request is None and self.buffer and self.transport is not None:
+            self._next_request()  # a pipelined request held back while the client was not reading
+
+    def _update_reading(self) -> None:
+        """Read from the client unless its answers pile up unread or a pipelined request is already waiting."""
+        transport = self.transport
+        if transport is None:
+            return
+        hold = self.drain_waiter is not None or (self.request is not None and len(self.buffer) > MAX_HEAD)
+        if hold and transport.is_reading():
+            transport.pause_reading()
+        elif not hold and not transport.is_reading():
+            transport.resume_reading()
 
     # ------------------------------------------------------------ requests
 
@@ -410,7 +432,12 @@ class Connection(asyncio.Protocol):
 
     def _next_request(self) -> None:
         buffer = self.buffer
+        if buffer[:1] in (b"\r", b"\n"):  # empty lines before a request line are ignored (RFC 9112 2.2)
+            buffer = self.buffer = buffer.lstrip(b"\r\n")
         end = buffer.find(b"\r\n\r\n")
+        if end + 4 > MAX_HEAD:
+            self._refuse(too_large(HEADERS_TOO_LARGE))
+            return
         if end < 0:
             if len(buffer) > MAX_HEAD or (len(buffer) > MAX_LINE and buffer.find(b"\r\n", 0, MAX_LINE + 2) < 0):
                 line_end = buffer.find(b"\r\n", 0, MAX_LINE + 2)
@@ -495,11 +522,17 @@ class Connection(asyncio.Protocol):
         self.close()
 
     def head_overdue(self) -> None:
-        """No complete request head within ``header_timeout``: 408 when one was started, else just close."""
-        if self.buffer:
+        """Nothing within ``header_timeout``: 408 for a head or body left unfinished, else just close."""
+        self.deadline = None
+        request = self.request
+        if request is not None:
+            if request.body_pending:  # read_body is waiting: the handler answers 408
+                request._end_body(Refusal("the request body stopped arriving for header_timeout", 408,
+                                          "request_timeout"))  # fmt: skip
+        elif self.buffer and self.drain_waiter is None:
             self._refuse(Refusal("the request head did not arrive within header_timeout", 408, "request_timeout"))
         else:
-            self.close()
+            self.close()  # idle, or not reading our answers
 
     def answered(self, request: Request) -> None:
         """The answer to ``request`` is sent: read the next one, or close."""
@@ -509,8 +542,8 @@ class Connection(asyncio.Protocol):
             self.close()
             return
         self._wait_for_head()
-        if self.buffer:
-            self.transport.resume_reading()
+        self._update_reading()
+        if self.buffer and self.drain_waiter is None:  # else resume_writing takes the next request
             self._next_request()
 
     # ------------------------------------------------------------ writing

@@ -14,6 +14,7 @@ TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"  # a method or header name (RFC 9110 5.
 # Header lines, each ending in CRLF: a name, a colon, and a value of visible characters, spaces,
 # tabs and obs-text (no other control character, no obs-fold). Checked for a whole block at once.
 _FIELD_LINES = re.compile(rb"(?:" + TOKEN + rb":[\t\x20-\x7e\x80-\xff]*\r\n)*")
+FORBIDDEN_IN_LINE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # controls but HTAB (RFC 9110 5.5)
 _FIELD = re.compile(r"([^:]+):[ \t]*(.*?)[ \t]*\r\n")
 
 # RFC 9110 7.6.1 (plus Proxy-Authorization, which is addressed to us, never upstream).
@@ -123,6 +124,8 @@ class ChunkDecoder:
                 if line:
                     raise ValueError("chunk data longer than its declared size")
                 self.state = "size"
+            elif FORBIDDEN_IN_LINE.search(line):
+                raise ValueError("a control character (a bare CR or LF) in a chunk-size or trailer line")
             elif self.state == "size":
                 size_text = line.split(b";", 1)[0].rstrip(b" \t")
                 if not _CHUNK_SIZE.fullmatch(size_text):
@@ -132,7 +135,10 @@ class ChunkDecoder:
                     self.state = "trailers"
                 else:
                     self.remaining, self.state = size, "data"
-            elif self.state == "trailers" and not line:
-                self.rest = buffer[position:]
-                return pieces, True
+            elif self.state == "trailers":
+                if not line:
+                    self.rest = buffer[position:]
+                    return pieces, True
+                if _FIELD_LINES.fullmatch(line + b"\r\n") is None:
+                    raise ValueError(f"malformed trailer line {line[:40]!r}")
         return pieces, False

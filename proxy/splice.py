@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
+import socket
 import time
 
 SPLICE_FROM = 1 << 20  # bodies from this size (smaller ones are not worth the set-up)
@@ -55,7 +56,7 @@ async def splice_body(
         raise ClientClosed("a connection closed before the body could be sent")
     upstream.pause_reading()
     client.pause_reading()
-    pump = _Pump(os.dup(upstream_fd), os.dup(client_fd), prefix, length, idle_timeout)
+    pump = _Pump(os.dup(upstream_fd), socket.socket(fileno=os.dup(client_fd)), prefix, length, idle_timeout)
     try:
         await pump.done
     finally:
@@ -69,9 +70,11 @@ async def splice_body(
 class _Pump:
     """Moves bytes whenever the upstream socket is readable and the client socket writable."""
 
-    def __init__(self, upstream: int, client: int, prefix: bytes, length: int, idle_timeout: float | None) -> None:
+    def __init__(
+        self, upstream: int, client: socket.socket, prefix: bytes, length: int, idle_timeout: float | None
+    ) -> None:
         self.loop = asyncio.get_running_loop()
-        self.upstream, self.client = upstream, client
+        self.upstream, self.client_socket, self.client = upstream, client, client.fileno()
         self.pipe_out, self.pipe_in = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         try:
             self.capacity = fcntl.fcntl(self.pipe_in, F_SETPIPE_SZ, PIPE_SIZE)
@@ -85,6 +88,9 @@ class _Pump:
         self.idle_timeout = idle_timeout
         self.progress = time.monotonic()
         self.timer = self.loop.call_later(idle_timeout, self._check_idle) if idle_timeout else None
+        # A client that leaves while the upstream is quiet is seen by reading (its transport is paused).
+        self.loop.add_reader(self.client, self._client_readable)
+        self.watching_client = True
         self._pump()
 
     def _pump(self) -> None:
@@ -146,6 +152,25 @@ class _Pump:
                 self.loop.remove_writer(self.client)
             self.writing = want_write
 
+    def _client_readable(self) -> None:
+        """The client closed (end of file, reset), or sent its next request early (left for the front)."""
+        try:
+            peeked = self.client_socket.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        except OSError as error:
+            self._finish(ClientClosed(f"the client connection broke: {error.strerror}"))
+            return
+        if not peeked:
+            self._finish(ClientClosed("the client closed its connection"))
+        else:
+            self._stop_watching_client()
+
+    def _stop_watching_client(self) -> None:
+        if self.watching_client:
+            self.loop.remove_reader(self.client)
+            self.watching_client = False
+
     def _check_idle(self) -> None:
         assert self.idle_timeout is not None
         quiet = time.monotonic() - self.progress
@@ -158,6 +183,7 @@ class _Pump:
         if self.done.done():
             return
         self._watch(want_read=False, want_write=False)
+        self._stop_watching_client()
         if error is None:
             self.done.set_result(None)
         else:
@@ -166,10 +192,12 @@ class _Pump:
     def close(self) -> None:
         """Stop watching and close the duplicates and the pipe (the transports keep their own descriptors)."""
         self._watch(want_read=False, want_write=False)
+        self._stop_watching_client()
         if self.timer is not None:
             self.timer.cancel()
-        for fd in (self.upstream, self.client, self.pipe_out, self.pipe_in):
+        for fd in (self.upstream, self.pipe_out, self.pipe_in):
             os.close(fd)
+        self.client_socket.close()
         if not self.done.done():
             self.done.cancel()
 

@@ -30,6 +30,7 @@ HIGH_WATER = 1 << 20  # pause reading from the upstream above this much unread b
 MAX_HEAD = 64 * 1024  # status line and headers
 IDLE_KEEP = 30.0  # seconds an unused pooled connection is kept
 _DIGITS = re.compile(r"[0-9]+")
+_REASON = re.compile(r"[^\x00-\x08\x0a-\x1f\x7f]*").fullmatch  # no CR, LF or other control (RFC 9112 4)
 
 
 class UpstreamError(Exception):
@@ -164,10 +165,10 @@ class UpstreamResponse:
         """Parse the status line and headers; True for a 1xx interim answer (ignored)."""
         self.received_any = True
         lines = head.split(b"\r\n", 1)
-        status_line = lines[0].decode("latin-1")
+        status_line = lines[0].decode("utf-8", "surrogateescape")  # a reason in UTF-8 goes back unchanged
         version, _, rest = status_line.partition(" ")
         code, _, reason = rest.partition(" ")
-        if not version.startswith("HTTP/1.") or len(code) != 3 or not code.isdigit():
+        if not version.startswith("HTTP/1.") or len(code) != 3 or not code.isdigit() or not _REASON(reason):
             raise BadResponse(f"not an HTTP/1.x status line: {status_line[:80]!r}")
         status = int(code)
         if 100 <= status < 200 and status != 101:

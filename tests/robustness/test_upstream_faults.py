@@ -386,3 +386,19 @@ async def test_post_on_a_connection_closed_without_answer_is_never_replayed(scri
     reads = [(s.connection, s.index) for s in upstream.seen if s.target == "/read"]
     assert len(reads) == 2 and reads[0][1] > 1 and reads[1][1] == 1
     assert [s.target for s in upstream.seen].count("/charge") == 1
+
+
+async def test_a_403_cut_short_while_checked_for_clock_skew_is_502(scripted, start_proxy) -> None:
+    """The proxy reads a small signed route's 403 to look for "Signature expired": a cut there is the upstream's."""
+
+    async def script(seen: Seen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        await read_body(seen, reader)
+        writer.write(b'HTTP/1.1 403 Forbidden\r\nContent-Length: 100\r\n\r\n{"message":')
+        await writer.drain()
+        return False  # and close, 89 bytes short
+
+    upstream = await scripted(script)
+    proxy = await start_proxy(static_route(upstream.url))
+    response = await raw_request(proxy.url, b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert response.status == 502
+    assert json.loads(response.body)["reason"] == "upstream_body_cut"
