@@ -339,7 +339,7 @@ class Config(_Frozen):
     log_format: Literal["text", "json"] = "text"
     max_body: Size = 10 * 1024 * 1024
     shutdown_grace: Duration = 10.0  # in-flight requests get this long after SIGTERM
-    header_timeout: Duration = 30.0  # a client's request head must arrive within this (also idle keep-alive)
+    header_timeout: Duration = 30.0  # for a request head, and the longest pause in a body (also idle keep-alive)
     workers: Literal["auto"] | Annotated[int, Field(ge=1, le=256)] = "auto"  # processes sharing the port
     inbound_token: str | None = Field(default=None, min_length=16, repr=False)  # Proxy-Authorization: Bearer ...
     credentials: dict[str, SourceConfig] = Field(default_factory=dict)
