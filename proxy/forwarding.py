@@ -324,14 +324,7 @@ class Forwarder:
                 response.write(chunk)
                 await response.drain()
         except (UpstreamError, TimeoutError) as error:
-            # The body is cut short: abort the client connection so it cannot
-            # mistake what it got for the whole body.
-            kind = "upstream_idle_timeout" if isinstance(error, TimeoutError) else "upstream_body_cut"
-            exchange.error_kind = kind
-            log.warning("%s %s: upstream body cut short (%s); aborting the client connection", exchange.method,
-                        exchange.path, kind)  # fmt: skip
-            response.abort()
-            upstream.close()
+            cut_short(response, upstream, exchange, error)
             return
         response.finish()
 
@@ -351,12 +344,7 @@ class Forwarder:
         try:
             await splice.splice_body(upstream_transport, client_transport, head + first, length, upstream.idle_timeout)
         except (splice.UpstreamClosed, TimeoutError) as error:
-            kind = "upstream_idle_timeout" if isinstance(error, TimeoutError) else "upstream_body_cut"
-            exchange.error_kind = kind
-            log.warning("%s %s: upstream body cut short (%s); aborting the client connection", exchange.method,
-                        exchange.path, kind)  # fmt: skip
-            response.abort()
-            upstream.close()
+            cut_short(response, upstream, exchange, error)
             return
         except splice.ClientClosed:
             exchange.client_gone = True
@@ -373,6 +361,20 @@ class Forwarder:
             self.metrics.observe(exchange)
         if access_log.isEnabledFor(logging.INFO):
             log_access(exchange, with_query_values=access_log.isEnabledFor(logging.DEBUG))
+
+
+def cut_short(response: Response, upstream: UpstreamResponse, exchange: Exchange, error: Exception) -> None:
+    """The upstream's body stopped (closed, or idle too long) after the answer began.
+
+    The client connection is aborted so that it cannot mistake what it got for
+    the whole body; the upstream connection is closed, never pooled half-read.
+    """
+    kind = "upstream_idle_timeout" if isinstance(error, TimeoutError) else "upstream_body_cut"
+    exchange.error_kind = kind
+    log.warning("%s %s: upstream body cut short (%s); aborting the client connection", exchange.method,
+                exchange.path, kind)  # fmt: skip
+    response.abort()
+    upstream.close()
 
 
 # What AWS says when X-Amz-Date is too far from its clock (API Gateway, STS, Lambda, S3 wordings).
