@@ -13,7 +13,10 @@ headers. Here a connection is one ``asyncio.Protocol``:
   answered when the handler asks for the body, after its size was checked;
 * an answer goes out with as few writes as possible: head and a complete
   body in one, a streamed body chunk by chunk (chunked to HTTP/1.1 clients
-  when the upstream gave no length), pausing while the client is slow;
+  when the upstream gave no length), pausing while the client is slow; a
+  client that stops reading its answers is not read from either, so
+  pipelined requests cannot pile answers up here;
+* ``header_timeout`` bounds the wait for a head and any pause inside a body;
 * limits get the statuses that tell a client what to fix (414 for the
   request line, 431 for headers, 505 for the version), in JSON like every
   answer of the proxy's own, and never a traceback.
@@ -88,14 +91,14 @@ class Front:
         return Connection(self)
 
     async def _sweep(self) -> None:
-        """Close connections whose request head is overdue: one timer for all, not one per request."""
+        """Act on connections whose request head or body is overdue: one timer for all, not one per request."""
         loop = asyncio.get_running_loop()
         tick = min(1.0, self.header_timeout / 4)
         while True:
             await asyncio.sleep(tick)
             now = loop.time()
             for connection in [c for c in self.connections if c.deadline is not None and c.deadline <= now]:
-                connection.head_overdue()
+                connection.overdue()
 
     async def stop(self, grace: float) -> None:
         """Close idle connections; give requests being served ``grace`` seconds, then cut them."""
@@ -521,7 +524,7 @@ class Connection(asyncio.Protocol):
         )
         self.close()
 
-    def head_overdue(self) -> None:
+    def overdue(self) -> None:
         """Nothing within ``header_timeout``: 408 for a head or body left unfinished, else just close."""
         self.deadline = None
         request = self.request
