@@ -11,6 +11,7 @@ figures straight to the upstream, and their ratio:
             memory; again with the access log on (log_level info, to /dev/null);
 2. post     1 MiB POST: the same;
 3. stream   1 GiB download: time to first byte added, throughput, CPU per GiB, memory growth;
+            nginx as a reverse proxy on the same path too, as a reference relay (when installed);
 4. sse      200 concurrent server-sent-event streams, an event every 100 ms each for 5 s:
             delivery latency p50/p99, CPU per event, memory with the streams open;
 5. startup  spawn to the first 200 through the proxy, idle resident memory per process.
