@@ -401,7 +401,10 @@ class Connection(asyncio.Protocol):
         waiter = self.drain_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
-        self.transport = None
+        # Let go of what this connection held: the request and its task refer back to it, a
+        # cycle that only the garbage collector (rarely run, see server.tune_gc) would free,
+        # with a whole request body inside.
+        self.transport, self.request, self.task, self.buffer = None, None, None, b""
 
     def pause_writing(self) -> None:
         """The client reads slower than we answer: stop reading its requests until it catches up."""

@@ -114,8 +114,11 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.pool.forget(self)
-        if self.response is not None:
-            self.response.connection_lost()
+        if self.idle_handle is not None:
+            self.idle_handle.cancel()
+        response, self.response = self.response, None  # no cycle left behind (see front.connection_lost)
+        if response is not None:
+            response.connection_lost()
 
     # ------------------------------------------------------------ used by the pool and the response
 

@@ -9,6 +9,7 @@ the proxy as its own process and counts only its descriptors.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import time
@@ -17,6 +18,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from proxy import front, upstream
 from proxy.demo import free_port
 
 from ..conftest import TEST_KEY_ID, TEST_SECRET, static_route
@@ -344,3 +346,48 @@ async def test_an_internal_failure_is_recorded_as_500_not_499(sigv4_upstream, st
     assert response.status == 500
     assert b"injected fault" not in response.body and b"Traceback" not in response.body
     assert access_statuses(caplog) == ["500"]
+
+
+async def test_a_client_leaving_mid_request_leaves_nothing_for_the_garbage_collector(
+    sigv4_upstream, start_proxy
+) -> None:
+    """Whatever a request held (its body, its upstream response) is freed when its client leaves.
+
+    The proxy runs the cyclic garbage collector rarely (server.tune_gc): a reference cycle left
+    behind by a client that went away kept its whole request body alive, about 100 KiB of
+    resident memory per dropped upload under load. With the collector off, only what reference
+    counting frees is freed, so anything left here is held by a cycle.
+    """
+    release = asyncio.Event()
+
+    async def slow(request: web.Request, received: Received) -> web.StreamResponse:
+        await release.wait()
+        return web.Response(text="late")
+
+    sigv4_upstream.responder = slow
+    proxy = await start_proxy(static_route(sigv4_upstream.url))
+    body = b"b" * 300_000
+    gc.collect()
+    gc.disable()
+    try:
+        for message in (
+            b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n" + body,  # gone mid-body
+            b"POST /wait HTTP/1.1\r\nHost: x\r\nContent-Length: 300000\r\n\r\n" + body,  # gone mid-wait
+        ):
+            _, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+            writer.write(message)
+            await writer.drain()
+            await settle(lambda: 0 if proxy.front.connections and all(
+                c.request is not None for c in proxy.front.connections) else 1, 0)  # fmt: skip
+            if message.startswith(b"POST /wait"):
+                await settle(lambda: 1 - len(sigv4_upstream.received), 0)  # the upstream has it
+            writer.transport.abort()
+
+        def held() -> int:
+            kinds = (front.Request, front.Connection, upstream.UpstreamResponse)
+            return sum(isinstance(o, kinds) for o in gc.get_objects())
+
+        assert await settle(held, 0) == 0, "a request's objects stayed alive after its client left"
+    finally:
+        gc.enable()
+        release.set()
