@@ -27,7 +27,7 @@ from . import signing, splice
 from .config import Config, Route
 from .credentials import CredentialsUnavailable, Provider
 from .front import BodyTooLarge, Refusal, Request, Response
-from .http1 import HOP_BY_HOP, connection_tokens, has_body
+from .http1 import has_body, hop_by_hop
 from .logs import Exchange, access_log, log_access
 from .metrics import Metrics
 from .routing import Match, Router
@@ -56,6 +56,12 @@ def too_large(max_body: int) -> Refusal:
     return Refusal(
         f"request body is larger than max_body ({max_body} bytes); raise max_body to send it", 413, "body_too_large"
     )
+
+
+def failed(exchange: Exchange, message: str, status: int, reason: str) -> Refusal:
+    """An upstream failure before the answer began (502 or 504), counted by kind."""
+    exchange.error_kind = reason
+    return Refusal(message, status, reason)
 
 
 def unavailable(route: Route, error: CredentialsUnavailable) -> Refusal:
@@ -114,9 +120,7 @@ class Forwarder:
 
     def upstream_headers(self, client_headers: Any, route: Route) -> CIMultiDict[str]:
         """The client's headers minus hop-by-hop and the ones we own; repeats kept."""
-        drop = HOP_BY_HOP | OWNED_REQUEST_HEADERS
-        if "Connection" in client_headers:
-            drop = drop | connection_tokens(client_headers.getall("Connection"))
+        drop = hop_by_hop(client_headers) | OWNED_REQUEST_HEADERS
         headers: CIMultiDict[str] = CIMultiDict()
         for name, value in client_headers.items():
             if name.lower() not in drop:
@@ -243,11 +247,9 @@ class Forwarder:
             advice = "raise the route's connect_timeout" if isinstance(error, ConnectTimeout) else (
                 "raise the route's timeout (or first_byte_timeout) if it is slow"
             )  # fmt: skip
-            exchange.error_kind = error.reason
-            raise Refusal(f"{route.upstream_host}: {error}; {advice}", 504, error.reason) from None
+            raise failed(exchange, f"{route.upstream_host}: {error}; {advice}", 504, error.reason) from None
         except UpstreamError as error:
-            exchange.error_kind = error.reason
-            raise Refusal(f"{route.upstream_host}: {error}", 502, error.reason) from None
+            raise failed(exchange, f"{route.upstream_host}: {error}", 502, error.reason) from None
         upstream.idle_timeout = timeouts.idle
         exchange.upstream_first_byte = time.monotonic() - sent
         return upstream
@@ -262,11 +264,10 @@ class Forwarder:
         try:
             body = await upstream.read()
         except TimeoutError:
-            exchange.error_kind = "upstream_idle_timeout"
-            raise Refusal(f"{route.upstream_host}: the 403 body stopped arriving", 504, exchange.error_kind) from None
+            message = f"{route.upstream_host}: the 403 body stopped arriving"
+            raise failed(exchange, message, 504, "upstream_idle_timeout") from None
         except UpstreamError as error:
-            exchange.error_kind = error.reason
-            raise Refusal(f"{route.upstream_host}: {error}", 502, error.reason) from None
+            raise failed(exchange, f"{route.upstream_host}: {error}", 502, error.reason) from None
         if SKEW_ERROR.search(body):
             offset = clock_offset(upstream.headers.get("Date"))
             if offset is not None and abs(offset - self.clock_offset) >= 1.0:
@@ -295,11 +296,8 @@ class Forwarder:
         goes out in one write, headers included. Each write is a system call,
         the largest cost per request on loopback.
         """
-        upstream_headers = upstream.headers
-        drop = HOP_BY_HOP
-        if "Connection" in upstream_headers:
-            drop = drop | connection_tokens(upstream_headers.getall("Connection"))
-        headers = [(name, value) for name, value in upstream_headers.items() if name.lower() not in drop]
+        drop = hop_by_hop(upstream.headers)
+        headers = [(name, value) for name, value in upstream.headers.items() if name.lower() not in drop]
         response = request.respond(upstream.status, upstream.reason, headers)
         if prefetched is None:
             first, complete = upstream.read_nowait(), upstream.is_eof()

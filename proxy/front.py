@@ -38,13 +38,13 @@ from typing import Any
 from multidict import CIMultiDict
 
 from .http1 import TOKEN, ChunkDecoder, connection_tokens, http_date, malformed_line, parse_fields
+from .signing import EMPTY_SHA256
 
 log = logging.getLogger("signing_proxy.front")
 
 MAX_LINE = 8190  # bytes in the request line, and in each header line
 MAX_HEADERS = 128
 MAX_HEAD = 64 * 1024  # the whole head; also the most bytes buffered ahead of a pipelined request
-EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 URI_TOO_LONG, HEADERS_TOO_LARGE = 414, 431
 
 _REQUEST_LINE = re.compile(rb"(" + TOKEN + rb") ([\x21-\x7e\x80-\xff]+) HTTP/([0-9])\.([0-9])")
@@ -163,10 +163,6 @@ class Request:
     @property
     def body_exists(self) -> bool:
         return self._chunks is not None or self._remaining is not None
-
-    @property
-    def content_length(self) -> int | None:
-        return self._remaining if self._chunks is None else None
 
     def _frame_body(self) -> None:
         """Find the body's framing in the headers (RFC 9112 6); raises Refusal."""

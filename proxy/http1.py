@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Iterable
+from typing import Any
 
 TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"  # a method or header name (RFC 9110 5.6.2)
 # Header lines, each ending in CRLF: a name, a colon, and a value of visible characters, spaces,
@@ -63,6 +64,13 @@ def connection_tokens(connection_values: Iterable[str]) -> set[str]:
     for value in connection_values:
         tokens.update(t.strip().lower() for t in value.split(",") if t.strip())
     return tokens
+
+
+def hop_by_hop(headers: Any) -> frozenset[str]:
+    """The names to drop when forwarding a message: HOP_BY_HOP and whatever its ``Connection`` lists."""
+    if "Connection" not in headers:
+        return HOP_BY_HOP
+    return HOP_BY_HOP | connection_tokens(headers.getall("Connection"))
 
 
 def has_body(method: str, status: int) -> bool:

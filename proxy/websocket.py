@@ -52,7 +52,7 @@ from . import signing
 from .config import Route
 from .credentials import CredentialsUnavailable
 from .front import Refusal, error_body
-from .http1 import HOP_BY_HOP, connection_tokens
+from .http1 import hop_by_hop
 from .logs import Exchange
 from .routing import Match
 
@@ -405,7 +405,7 @@ async def _presigned(forwarder: Forwarder, match: Match, query: signing.Query) -
 def refusal_response(response: HandshakeResponse) -> web.Response:
     """The upstream's refusal of the upgrade, as a plain HTTP answer (hop-by-hop headers dropped)."""
     received: CIMultiDict[str] = CIMultiDict(response.headers.raw_items())
-    drop = HOP_BY_HOP | {"content-length"} | connection_tokens(received.getall("Connection", ()))
+    drop = hop_by_hop(received) | {"content-length"}
     headers: CIMultiDict[str] = CIMultiDict((k, v) for k, v in received.items() if k.lower() not in drop)
     return web.Response(
         status=response.status_code, reason=response.reason_phrase, body=bytes(response.body), headers=headers
