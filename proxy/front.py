@@ -37,7 +37,7 @@ from typing import Any
 
 from multidict import CIMultiDict
 
-from .http1 import TOKEN, ChunkDecoder, connection_tokens, http_date, malformed_line, parse_fields
+from .http1 import TOKEN, ChunkDecoder, connection_tokens, http_date, malformed_name, parse_fields
 from .signing import EMPTY_SHA256
 
 log = logging.getLogger("signing_proxy.front")
@@ -469,7 +469,8 @@ class Connection(asyncio.Protocol):
             raise too_large(URI_TOO_LONG)
         line = _REQUEST_LINE.fullmatch(request_line)
         if line is None:
-            raise Refusal(f"malformed request line {request_line[:80]!r}")
+            # Only the method is echoed: the target may carry a presigned query's credentials.
+            raise Refusal(f"malformed request line (starting {request_line.split(b' ', 1)[0][:20]!r})")
         method, raw_target, major, minor = line.groups()
         if major != b"1" or minor not in (b"0", b"1"):
             raise Refusal("signing-proxy speaks HTTP/1.1 (and 1.0)", 505, "http_version_not_supported")
@@ -486,7 +487,7 @@ class Connection(asyncio.Protocol):
             raise too_large(HEADERS_TOO_LARGE)
         pairs = parse_fields(block, "surrogateescape")  # bytes that are not UTF-8 go upstream unchanged
         if pairs is None:
-            raise Refusal(f"malformed header line {malformed_line(block)[:80]!r}")
+            raise Refusal(f"malformed header line (name {malformed_name(block)!r})")
         # Upper-cased as aiohttp's parser did: upstreams behind aiohttp-style parsers see it so.
         return Request(self, method.decode("ascii").upper(), target, minor == b"1", CIMultiDict(pairs))
 

@@ -16,6 +16,7 @@ TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"  # a method or header name (RFC 9110 5.
 # tabs and obs-text (no other control character, no obs-fold). Checked for a whole block at once.
 _FIELD_LINES = re.compile(rb"(?:" + TOKEN + rb":[\t\x20-\x7e\x80-\xff]*\r\n)*")
 FORBIDDEN_IN_LINE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # controls but HTAB (RFC 9110 5.5)
+_NAME = re.compile(TOKEN)
 _FIELD = re.compile(r"([^:]+):[ \t]*(.*?)[ \t]*\r\n")
 
 # RFC 9110 7.6.1 (plus Proxy-Authorization, which is addressed to us, never upstream).
@@ -50,12 +51,22 @@ def parse_fields(block: bytes, errors: str = "strict") -> list[tuple[str, str]] 
     return _FIELD.findall(block.decode("utf-8", errors))
 
 
-def malformed_line(block: bytes) -> bytes:
-    """The first header line of ``block`` that ``parse_fields`` refuses (for the error message)."""
+def malformed_name(block: bytes) -> bytes:
+    """The name of the first line ``parse_fields`` refuses (see ``field_name``), for an error message.
+
+    Never the value: a malformed ``Authorization`` line would otherwise be
+    echoed into an error body and a log.
+    """
     for line in block.split(b"\r\n")[:-1]:
         if _FIELD_LINES.fullmatch(line + b"\r\n") is None:
-            return line
+            return field_name(line)
     return b""
+
+
+def field_name(line: bytes) -> bytes:
+    """The name a header line starts with (its leading token), at most 40 bytes; nothing of the value."""
+    name = _NAME.match(line)
+    return name.group()[:40] if name else b""
 
 
 def connection_tokens(connection_values: Iterable[str]) -> set[str]:
@@ -148,5 +159,5 @@ class ChunkDecoder:
                     self.rest = buffer[position:]
                     return pieces, True
                 if _FIELD_LINES.fullmatch(line + b"\r\n") is None:
-                    raise ValueError(f"malformed trailer line {line[:40]!r}")
+                    raise ValueError(f"malformed trailer line (name {field_name(line)!r})")
         return pieces, False

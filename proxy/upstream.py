@@ -23,7 +23,7 @@ from collections.abc import Iterable
 
 from multidict import CIMultiDict
 
-from .http1 import ChunkDecoder, malformed_line, parse_fields
+from .http1 import ChunkDecoder, malformed_name, parse_fields
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 HIGH_WATER = 1 << 20  # pause reading from the upstream above this much unread body
@@ -186,7 +186,7 @@ class UpstreamResponse:
             # Relayed as str and written back as UTF-8: anything else would change bytes.
             raise BadResponse("a header value is not UTF-8 and cannot be relayed unchanged") from None
         if fields is None:
-            raise BadResponse(f"malformed header line {malformed_line(block)[:80]!r}")
+            raise BadResponse(f"malformed header line (name {malformed_name(block)!r})")
         headers = CIMultiDict(fields)
         self.status, self.reason, self.headers = status, reason, headers
         connection = headers.get("Connection", "").lower()

@@ -7,6 +7,7 @@ Everything listens on 127.0.0.1 and every wait is bounded.
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from aiohttp import web
 
@@ -150,4 +151,26 @@ async def test_an_upload_that_stops_arriving_gets_408(sigv4_upstream, start_prox
     data = await exchange_bytes(proxy.port, b"POST /u HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nhalf")
     assert data.startswith(b"HTTP/1.1 408 "), data[:80]
     assert b'"request_timeout"' in data and b"Connection: close" in data
+    assert sigv4_upstream.received == []
+
+
+async def test_a_malformed_credential_header_is_refused_without_echoing_its_value(
+    sigv4_upstream, start_proxy, caplog
+) -> None:
+    """A 400 names the bad line, never its value: it may be an Authorization or a session token."""
+    caplog.set_level(logging.DEBUG)
+    proxy = await start_proxy(static_route(sigv4_upstream.url))
+    secret = "s3cr3t-Bearer-token-value"
+    for message in (
+        b"GET / HTTP/1.1\r\nHost: x\r\nAuthorization : Bearer " + secret.encode() + b"\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\nX-Amz-Security-Token: a\x00" + secret.encode() + b"\r\n\r\n",
+        b"GET /?X-Amz-Security-Token=" + secret.encode() + b" HTTP/1.1 x\r\nHost: x\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nAuthorization "
+        + secret.encode()
+        + b"\r\n\r\n",
+    ):
+        data = await exchange_bytes(proxy.port, message)
+        assert data.startswith(b"HTTP/1.1 400 "), data[:80]
+        assert secret.encode() not in data
+    assert secret not in caplog.text
     assert sigv4_upstream.received == []
