@@ -333,24 +333,29 @@ def image_process_env(home: Path, extra: dict[str, str]) -> dict[str, str]:
     return env
 
 
+async def listening(port: int, process: asyncio.subprocess.Process, argv: list[str], log: Path) -> None:
+    """Return once 127.0.0.1:``port`` accepts; fail if ``process`` exits first or after 30 s."""
+    deadline = time.monotonic() + 30
+    while True:
+        if process.returncode is not None:
+            raise AssertionError(f"{argv} exited {process.returncode}:\n{log.read_text()}")
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{argv} is not listening on {port}:\n{log.read_text()}") from None
+            await asyncio.sleep(0.05)
+
+
 @asynccontextmanager
 async def running(argv: list[str], log: Path, port: int, **kwargs: Any) -> AsyncIterator[asyncio.subprocess.Process]:
     """A process, once it listens on ``port``; stopped at the end with SIGTERM (as docker stop does)."""
     with log.open("wb") as output:
         process = await asyncio.create_subprocess_exec(*argv, stdout=output, stderr=subprocess.STDOUT, **kwargs)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            if process.returncode is not None:
-                raise AssertionError(f"{argv} exited {process.returncode}:\n{log.read_text()}")
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", port)
-                writer.close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"{argv} is not listening on {port}:\n{log.read_text()}") from None
-                await asyncio.sleep(0.05)
+        await listening(port, process, argv, log)
         yield process
     finally:
         if process.returncode is None:
@@ -674,8 +679,11 @@ async def test_compose_sidecar_flow_as_processes(tmp_path: Path) -> None:
     proxy_argv, proxy_env = as_service("signing-proxy", localize(entrypoint_and_cmd(), {CONFIG_IN_IMAGE: str(config)}))
     async with (
         running(api_argv, tmp_path / "api.log", api_port, env=api_env, cwd=home),
-        running(proxy_argv, tmp_path / "proxy.log", proxy_port, env=proxy_env, cwd=home),
+        running(proxy_argv, tmp_path / "proxy.log", proxy_port, env=proxy_env, cwd=home) as proxy,
     ):
+        # The supervisor binds the proxy port before its workers start; worker 0 opens the
+        # admin port a moment later (compose's healthcheck retries cover that gap).
+        await listening(admin_port, proxy, proxy_argv, tmp_path / "proxy.log")
         # The api service's healthcheck, then the signing-proxy service's, against these ports.
         _, program, *args = services["api"]["healthcheck"]["test"]
         assert program == "python"
