@@ -16,7 +16,7 @@ from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from .config import Config, ConfigError, load_config, parse_config
-from .logs import setup_logging
+from .ops.logs import setup_logging
 
 EXIT_CONFIG = 2
 
@@ -73,7 +73,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         run_loop(serve_forever(ProxyServer(config), reload=reload))
         return 0
 
-    from .workers import bind_sockets, supervise, use_multiprocess_metrics
+    from .ops.workers import bind_sockets, supervise, use_multiprocess_metrics
 
     try:
         use_multiprocess_metrics()  # before prometheus-client is first imported, by .server
@@ -206,7 +206,7 @@ def cmd_emulator(args: argparse.Namespace) -> int:
 
 
 def cmd_login(args: argparse.Namespace) -> int:
-    from .login import login_main
+    from .credentials.login import login_main
 
     setup_logging("warning")
     return login_main(args.config, args.credentials)

@@ -23,15 +23,16 @@ from typing import Any
 
 from multidict import CIMultiDict
 
-from . import signing, splice
+from . import signing
 from .config import Config, Route
 from .credentials import CredentialsUnavailable, Provider
-from .front import BodyTooLarge, Refusal, Request, Response
-from .http1 import has_body, hop_by_hop
-from .logs import Exchange, access_log, log_access
-from .metrics import Metrics
+from .http import splice
+from .http.front import BodyTooLarge, Refusal, Request, Response
+from .http.http1 import has_body, hop_by_hop
+from .http.upstream import ConnectTimeout, FirstByteTimeout, Pool, UpstreamError, UpstreamResponse
+from .ops.logs import Exchange, access_log, log_access
+from .ops.metrics import Metrics
 from .routing import Match, Router
-from .upstream import ConnectTimeout, FirstByteTimeout, Pool, UpstreamError, UpstreamResponse
 
 log = logging.getLogger("signing_proxy.forwarding")
 

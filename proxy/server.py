@@ -12,14 +12,14 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from .admin import admin_app
 from .config import Config, ConfigError, is_loopback
 from .credentials import CredentialsUnavailable, Provider, build_providers
 from .forwarding import Forwarder
-from .front import Front, Request
-from .logs import flush_periodically
-from .metrics import Metrics
-from .upstream import Pool
+from .http.front import Front, Request
+from .http.upstream import Pool
+from .ops.admin import admin_app
+from .ops.logs import flush_periodically
+from .ops.metrics import Metrics
 from .websocket import Upgrades
 
 log = logging.getLogger("signing_proxy")

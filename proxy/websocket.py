@@ -51,9 +51,9 @@ from websockets.typing import Subprotocol
 from . import signing
 from .config import Route
 from .credentials import CredentialsUnavailable
-from .front import Refusal, error_body
-from .http1 import hop_by_hop
-from .logs import Exchange
+from .http.front import Refusal, error_body
+from .http.http1 import hop_by_hop
+from .ops.logs import Exchange
 from .routing import Match
 
 if TYPE_CHECKING:

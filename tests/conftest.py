@@ -18,8 +18,7 @@ for _name in ("AWS_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_
 
 from proxy.config import parse_config  # noqa: E402
 from proxy.server import ProxyServer  # noqa: E402
-
-from .sigv4_upstream import SigV4Upstream  # noqa: E402
+from tests.support.sigv4_upstream import SigV4Upstream  # noqa: E402
 
 TEST_KEY_ID = "AKIDTESTSIGNINGPROXY"
 TEST_SECRET = "test/secret+key/0123456789abcdefghijklmno"
@@ -68,3 +67,8 @@ def static_route(upstream_url: str, **route: Any) -> dict[str, Any]:
         },
         "routes": [{"upstream": upstream_url, "region": TEST_REGION, "credentials": "test", **route}],
     }
+
+
+# Fixtures shared by several test packages, defined beside the plumbing they use.
+from tests.support.faults import scripted, tolerant_upstream  # noqa: E402, F401
+from tests.support.streams import full_backlog_port, ws_upstream  # noqa: E402, F401

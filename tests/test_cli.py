@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 
 from proxy.demo import free_port
-
-from .conftest import TEST_KEY_ID, TEST_SECRET, TEST_SESSION_TOKEN
+from tests.conftest import TEST_KEY_ID, TEST_SECRET, TEST_SESSION_TOKEN
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -13,9 +13,9 @@ import pytest
 from aiohttp import web
 from yarl import URL
 
-from .conftest import TEST_KEY_ID, TEST_SESSION_TOKEN, static_route
-from .rawhttp import raw_request
-from .sigv4_upstream import Received, SigV4Upstream
+from tests.conftest import TEST_KEY_ID, TEST_SESSION_TOKEN, static_route
+from tests.support.rawhttp import raw_request
+from tests.support.sigv4_upstream import Received, SigV4Upstream
 
 
 def names(received: Received) -> list[str]:

@@ -22,11 +22,10 @@ from hypothesis import given, settings
 from proxy.config import parse_config
 from proxy.server import ProxyServer
 from proxy.signing import SigningRequest, normalize_query, sign
-
-from .conftest import TEST_KEY_ID, TEST_REGION, TEST_SECRET, TEST_SESSION_TOKEN, StartProxy, static_route
-from .rawhttp import raw_request
-from .sigv4_upstream import Received, SigV4Upstream
-from .test_signing import (
+from tests.conftest import TEST_KEY_ID, TEST_REGION, TEST_SECRET, TEST_SESSION_TOKEN, StartProxy, static_route
+from tests.support.rawhttp import raw_request
+from tests.support.sigv4_upstream import Received, SigV4Upstream
+from tests.test_signing import (
     SHAPES,
     Shape,
     decoded_pairs,

@@ -21,8 +21,7 @@ from moto.server import ThreadedMotoServer
 
 from proxy.config import CognitoGuestSource, CognitoSource
 from proxy.credentials import botocore_session
-
-from .moto_harness import ENDPOINT_VARIABLES, REGION, MotoLog, StricterMoto
+from tests.credentials.moto_harness import ENDPOINT_VARIABLES, REGION, MotoLog, StricterMoto
 
 os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
 
@@ -167,6 +166,6 @@ def clock() -> ShiftedClock:
 @pytest.fixture
 def no_botocore_retry(monkeypatch: pytest.MonkeyPatch) -> None:
     """One attempt per call: a refused connection fails at once instead of after botocore's jittered backoff."""
-    from proxy import aws
+    from proxy.credentials import aws
 
     monkeypatch.setattr(aws, "_RETRIES", {"mode": "standard", "total_max_attempts": 1})

@@ -40,7 +40,7 @@ from moto.core.exceptions import JsonRESTError
 from moto.sts.models import sts_backends
 from moto.utilities.utils import load_resource
 
-from .srp_reference import ServerChallenge
+from tests.credentials.srp_reference import ServerChallenge
 
 REGION = "eu-west-1"
 ACCOUNT = "123456789012"

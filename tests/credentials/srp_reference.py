@@ -1,10 +1,10 @@
-"""The *server* side of Cognito's SRP-6a, written for the tests independently of ``proxy.srp``.
+"""The *server* side of Cognito's SRP-6a, written for the tests independently of ``proxy.credentials.srp``.
 
 moto accepts any SRP proof, so the suite installs this verifier into the moto
 server: a client proof is accepted only if it matches what a server holding
 the password verifier ``v = g^x`` computes. It shares no code with the client:
 numbers become bytes with ``int.to_bytes`` (not hex strings), and the group
-prime is taken from pycognito, so a typo in ``proxy.srp.N_HEX`` cannot hide.
+prime is taken from pycognito, so a typo in ``proxy.credentials.srp.N_HEX`` cannot hide.
 """
 
 from __future__ import annotations

@@ -18,11 +18,10 @@ from proxy.credentials import (
     Refreshing,
     build_providers,
 )
-from proxy.sts import AssumeRole
-
-from .conftest import Moto, ShiftedClock
-from .moto_harness import ACCOUNT
-from .test_user_pool import closed_port
+from proxy.credentials.sts import AssumeRole
+from tests.credentials.conftest import Moto, ShiftedClock
+from tests.credentials.moto_harness import ACCOUNT
+from tests.credentials.test_user_pool import closed_port
 
 pytestmark = pytest.mark.usefixtures("moto")
 
@@ -148,7 +147,7 @@ async def test_built_from_a_config_with_a_chain(moto: Moto) -> None:
 
 
 async def test_an_endpoint_that_never_answers_is_a_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
-    from proxy import aws
+    from proxy.credentials import aws
 
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.read()  # read the request, answer nothing, until the client gives up

@@ -6,12 +6,11 @@ import asyncio
 
 import pytest
 
-from proxy.cognito import cognito_provider, logins_key
 from proxy.credentials import CredentialsUnavailable
-
-from .conftest import Moto, ShiftedClock, cognito_source, guest_source
-from .moto_harness import REGION
-from .test_user_pool import closed_port
+from proxy.credentials.cognito import cognito_provider, logins_key
+from tests.credentials.conftest import Moto, ShiftedClock, cognito_source, guest_source
+from tests.credentials.moto_harness import REGION
+from tests.credentials.test_user_pool import closed_port
 
 pytestmark = pytest.mark.usefixtures("moto")
 

@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 import yaml
 
-from proxy.cognito import TokenCache, cognito_provider
 from proxy.credentials import CredentialsUnavailable
-from proxy.login import login_main
-
-from .conftest import PASSWORD, Moto, PoolClient, ShiftedClock, cognito_entry, cognito_source
+from proxy.credentials.cognito import cognito_provider
+from proxy.credentials.login import login_main
+from proxy.credentials.user_pool import TokenCache
+from tests.credentials.conftest import PASSWORD, Moto, PoolClient, ShiftedClock, cognito_entry, cognito_source
 
 pytestmark = pytest.mark.usefixtures("moto")
 

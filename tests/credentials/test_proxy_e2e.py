@@ -16,12 +16,11 @@ import jwt
 import pytest
 from aiohttp import web
 
-from proxy.logs import NOISY_LOGGERS
-
-from ..conftest import StartProxy
-from ..sigv4_upstream import SigV4Upstream
-from .conftest import PASSWORD, Moto, PoolClient, cognito_entry
-from .moto_harness import ACCOUNT, REGION
+from proxy.ops.logs import NOISY_LOGGERS
+from tests.conftest import StartProxy
+from tests.credentials.conftest import PASSWORD, Moto, PoolClient, cognito_entry
+from tests.credentials.moto_harness import ACCOUNT, REGION
+from tests.support.sigv4_upstream import SigV4Upstream
 
 pytestmark = pytest.mark.usefixtures("moto")
 
@@ -211,7 +210,7 @@ async def test_no_secret_reaches_any_log_line_or_error_body(
     pool = moto.user_pool(secret=True)
     moto.add_user(pool, "alice")
     # Every logger at debug, as `log_level: debug` sets them (botocore stays at warning: its debug
-    # output is request bodies, passwords included; proxy.logs.setup_logging pins it there).
+    # output is request bodies, passwords included; proxy.ops.logs.setup_logging pins it there).
     for name in NOISY_LOGGERS:
         caplog.set_level("WARNING", logger=name)
     caplog.set_level("DEBUG")  # last: it also sets the capturing handler's level

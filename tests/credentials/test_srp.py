@@ -1,4 +1,4 @@
-"""proxy.srp against two independent references: a server-side verifier and pycognito."""
+"""proxy.credentials.srp against two independent references: a server-side verifier and pycognito."""
 
 from __future__ import annotations
 
@@ -12,9 +12,8 @@ from hypothesis import strategies as st
 from moto.cognitoidp.utils import check_secret_hash
 from pycognito import aws_srp
 
-from proxy import srp
-
-from .srp_reference import ServerChallenge, as_bytes
+from proxy.credentials import srp
+from tests.credentials.srp_reference import ServerChallenge, as_bytes
 
 POOL_ID = "eu-west-1_Ab12Cd34E"
 MOMENT = datetime.datetime(2026, 11, 22, 4, 10, 17, tzinfo=datetime.UTC)

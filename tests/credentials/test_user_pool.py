@@ -10,11 +10,11 @@ import socket
 import pytest
 from moto.server import ThreadedMotoServer
 
-from proxy import cognito
-from proxy.cognito import UserPoolTokens, cognito_provider, jwt_claims
 from proxy.credentials import CredentialsUnavailable
-
-from .conftest import PASSWORD, Moto, PoolClient, ShiftedClock, cognito_source
+from proxy.credentials import user_pool as cognito
+from proxy.credentials.cognito import cognito_provider
+from proxy.credentials.user_pool import UserPoolTokens, jwt_claims
+from tests.credentials.conftest import PASSWORD, Moto, PoolClient, ShiftedClock, cognito_source
 
 pytestmark = pytest.mark.usefixtures("moto")
 

@@ -1,0 +1,599 @@
+"""The HTTP front: client connections, parsed and answered by the proxy itself.
+
+A framework server (aiohttp's) spent about a third of a small proxied
+request's CPU time on things a relay does not use: request objects with
+lazily parsed URLs, routers, middlewares, response objects that re-serialise
+headers. Here a connection is one ``asyncio.Protocol``:
+
+* the head is parsed in one pass, one regular expression a line, and kept as
+  the client sent it: raw UTF-8 in the target (curl sends ``?q=café``) and
+  Latin-1 bytes in header values go on unchanged;
+* a body is hashed and collected as it arrives, in the protocol's callback,
+  so the handler waits once for all of it; ``Expect: 100-continue`` is
+  answered when the handler asks for the body, after its size was checked;
+* an answer goes out with as few writes as possible: head and a complete
+  body in one, a streamed body chunk by chunk (chunked to HTTP/1.1 clients
+  when the upstream gave no length), pausing while the client is slow; a
+  client that stops reading its answers is not read from either, so
+  pipelined requests cannot pile answers up here;
+* ``header_timeout`` bounds the wait for a head and any pause inside a body;
+* limits get the statuses that tell a client what to fix (414 for the
+  request line, 431 for headers, 505 for the version), in JSON like every
+  answer of the proxy's own, and never a traceback.
+
+A WebSocket upgrade is handed, with the bytes already read, to aiohttp's
+server, which does the WebSocket framing (see ``websocket``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from multidict import CIMultiDict
+
+from .http1 import EMPTY_SHA256, TOKEN, ChunkDecoder, connection_tokens, http_date, malformed_name, parse_fields
+
+log = logging.getLogger("signing_proxy.front")
+
+MAX_LINE = 8190  # bytes in the request line, and in each header line
+MAX_HEADERS = 128
+MAX_HEAD = 64 * 1024  # the whole head; also the most bytes buffered ahead of a pipelined request
+URI_TOO_LONG, HEADERS_TOO_LARGE = 414, 431
+
+_REQUEST_LINE = re.compile(rb"(" + TOKEN + rb") ([\x21-\x7e\x80-\xff]+) HTTP/([0-9])\.([0-9])")
+_DIGITS = re.compile(r"[0-9]{1,18}")
+
+
+def error_body(message: str, reason: str) -> bytes:
+    """The JSON body of every answer the proxy makes itself: what happened and what to do."""
+    return json.dumps({"message": message, "reason": reason}).encode()
+
+
+class Refusal(Exception):
+    """A request the proxy answers itself, with ``status`` and a JSON body saying why and what to do."""
+
+    def __init__(
+        self, message: str, status: int = 400, reason: str = "bad_request", headers: tuple[tuple[str, str], ...] = ()
+    ) -> None:
+        super().__init__(message)
+        self.message, self.status, self.reason, self.headers = message, status, reason, headers
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+Handler = Callable[["Request"], Awaitable[None]]
+
+
+class Front:
+    """The protocol factory for client connections, and what they share: handler, limits, timers."""
+
+    def __init__(self, handler: Handler, *, max_body: int, header_timeout: float, upgrade: Callable[[], Any]) -> None:
+        self.handler = handler
+        self.max_body = max_body
+        self.header_timeout = header_timeout
+        self.upgrade = upgrade  # makes the aiohttp protocol a WebSocket upgrade is handed to
+        self.connections: set[Connection] = set()
+        self.stopping = False
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def __call__(self) -> Connection:
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        return Connection(self)
+
+    async def _sweep(self) -> None:
+        """Act on connections whose request head or body is overdue: one timer for all, not one per request."""
+        loop = asyncio.get_running_loop()
+        tick = min(1.0, self.header_timeout / 4)
+        while True:
+            await asyncio.sleep(tick)
+            now = loop.time()
+            for connection in [c for c in self.connections if c.deadline is not None and c.deadline <= now]:
+                connection.overdue()
+
+    async def stop(self, grace: float) -> None:
+        """Close idle connections; give requests being served ``grace`` seconds, then cut them."""
+        self.stopping = True
+        for connection in list(self.connections):
+            if connection.request is None:
+                connection.close()
+        busy = [c.task for c in self.connections if c.task is not None and not c.task.done()]
+        if busy:
+            _, late = await asyncio.wait(busy, timeout=grace)
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late, timeout=1.0)
+        for connection in list(self.connections):
+            connection.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+
+
+class Request:
+    """One request: its head as sent, its body (read on demand) and its answer."""
+
+    __slots__ = (
+        "_body_error",
+        "_body_parts",
+        "_body_size",
+        "_body_waiter",
+        "_chunks",
+        "_digest",
+        "_remaining",
+        "connection",
+        "expect_continue",
+        "headers",
+        "http11",
+        "keep_alive",
+        "method",
+        "status",
+        "target",
+    )
+
+    def __init__(self, connection: Connection, method: str, target: str, http11: bool, headers: CIMultiDict[str]):
+        self.connection = connection
+        self.method = method
+        self.target = target  # the request target as sent (decoded as UTF-8)
+        self.http11 = http11
+        self.headers = headers
+        self.status = 0  # of the answer, once its head is sent
+        tokens = connection_tokens(headers.getall("Connection", ())) if "Connection" in headers else set()
+        self.keep_alive = "close" not in tokens if http11 else "keep-alive" in tokens
+        self.expect_continue = False
+        self._remaining: int | None = None  # Content-Length bytes still to come
+        self._chunks: ChunkDecoder | None = None
+        self._body_parts: list[bytes] = []
+        self._body_size = 0
+        self._digest: Any = None
+        self._body_waiter: asyncio.Future[None] | None = None
+        self._body_error: Exception | None = None
+
+    # ------------------------------------------------------------ the body
+
+    @property
+    def body_exists(self) -> bool:
+        return self._chunks is not None or self._remaining is not None
+
+    def _frame_body(self) -> None:
+        """Find the body's framing in the headers (RFC 9112 6); raises Refusal."""
+        headers = self.headers
+        if "Transfer-Encoding" in headers:
+            codings = [c.strip().lower() for v in headers.getall("Transfer-Encoding") for c in v.split(",")]
+            if codings != ["chunked"] or "Content-Length" in headers or not self.http11:
+                raise Refusal("Transfer-Encoding must be chunked alone, without Content-Length, in HTTP/1.1")
+            self._chunks = ChunkDecoder()
+        elif "Content-Length" in headers:
+            lengths = set(headers.getall("Content-Length"))
+            value = lengths.pop()
+            if lengths or not _DIGITS.fullmatch(value):
+                raise Refusal("Content-Length must be one decimal number")
+            self._remaining = int(value)
+        if self.body_exists:
+            self._digest = hashlib.sha256()
+            if self._remaining == 0:
+                self._remaining = None
+                self._digest = None
+                self._chunks = None
+        expect = headers.get("Expect")
+        if expect is not None:
+            if expect.lower() != "100-continue":
+                raise Refusal(f"unsupported Expect value {expect[:40]!r}", 417, "expectation_failed")
+            self.expect_continue = self.http11 and self.body_exists
+
+    @property
+    def body_pending(self) -> bool:
+        """The body was not read to its end (what the client sends next is still body, or unknown)."""
+        return self._digest is not None and self._body_error is not _BODY_READ
+
+    def feed(self, data: bytes) -> bytes:
+        """Take body bytes; returns what follows the body (a pipelined request)."""
+        rest = b""
+        if self._body_error is not None:
+            return rest  # refused (too large, malformed): the connection closes after the answer
+        if self._chunks is not None:
+            try:
+                pieces, done = self._chunks.feed(data)
+            except ValueError as error:
+                self._end_body(Refusal(f"malformed chunked body: {error}"))
+                return b""
+            if done:
+                rest = self._chunks.rest
+        else:
+            assert self._remaining is not None
+            pieces = [data[: self._remaining]] if len(data) > self._remaining else [data]
+            self._remaining -= len(pieces[0])
+            rest = data[len(pieces[0]) :]
+            done = self._remaining == 0
+        for piece in pieces:
+            self._body_size += len(piece)
+            if self._body_size > self.connection.front.max_body:
+                self._end_body(BodyTooLarge())
+                return b""
+            self._digest.update(piece)
+            self._body_parts.append(piece)
+        if done:
+            self._end_body(None)
+        return rest
+
+    def _end_body(self, error: Exception | None) -> None:
+        self._body_error = error
+        if error is None:
+            self._body_error = _BODY_READ
+        waiter = self._body_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def read_body(self) -> tuple[list[bytes], int, str]:
+        """The whole body (as the pieces that arrived), its length and SHA-256.
+
+        Raises ``BodyTooLarge`` above ``max_body`` (at once when Content-Length
+        says so, before ``100 Continue`` invites the body) and ``Refusal``.
+        """
+        if self._digest is None:
+            return [], 0, EMPTY_SHA256
+        if self._remaining is not None and self._body_size + self._remaining > self.connection.front.max_body:
+            raise BodyTooLarge
+        if self._body_error is None:
+            if self.expect_continue:
+                self.expect_continue = False
+                self.connection.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            loop = asyncio.get_running_loop()
+            self._body_waiter = loop.create_future()
+            self.connection.deadline = loop.time() + self.connection.front.header_timeout  # a stalled upload: 408
+            try:
+                await self._body_waiter
+            finally:
+                self.connection.deadline = None
+        if self._body_error is not _BODY_READ:
+            raise self._body_error  # type: ignore[misc]
+        return self._body_parts, self._body_size, self._digest.hexdigest()
+
+    # ------------------------------------------------------------ the answer
+
+    def refuse(self, refusal: Refusal) -> None:
+        """Answer with ``refusal``: a whole JSON answer of the proxy's own."""
+        headers = [*refusal.headers, ("Content-Type", "application/json")]
+        self.respond(refusal.status, REASONS.get(refusal.status, "Error"), headers).send(
+            error_body(refusal.message, refusal.reason)
+        )
+
+    def respond(self, status: int, reason: str, headers: list[tuple[str, str]]) -> Response:
+        self.status = status
+        return Response(self, status, reason, headers)
+
+
+class _BodyRead(Exception):
+    """Marks a body read to its end (``Request._body_error`` is this when there was no error)."""
+
+
+_BODY_READ = _BodyRead()
+
+
+class Response:
+    """The answer to a request: sent whole (``send``) or streamed (``start``, ``write``, ``finish``)."""
+
+    __slots__ = ("_chunked", "_head", "request")
+
+    def __init__(self, request: Request, status: int, reason: str, headers: list[tuple[str, str]]) -> None:
+        self.request = request
+        self._chunked = False
+        lines = [f"HTTP/1.1 {status} {reason}\r\n"]
+        lines += [f"{name}: {value}\r\n" for name, value in headers]
+        if not any(name.lower() == "date" for name, _ in headers):
+            lines.append(f"Date: {http_date()}\r\n")
+        self._head = lines
+
+    def _head_bytes(self, extra: str = "") -> bytes:
+        request = self.request
+        close = not request.keep_alive or request.body_pending or request.connection.front.stopping
+        if close:
+            request.keep_alive = False
+            extra += "Connection: close\r\n"
+        elif not request.http11:
+            extra += "Connection: keep-alive\r\n"
+        return "".join((*self._head, extra, "\r\n")).encode("utf-8", "surrogateescape")
+
+    def send(self, body: bytes = b"", *, length: bool = True) -> None:
+        """The whole answer in one write; ``length=False`` for a bodyless answer that keeps its headers."""
+        head = self._head_bytes(f"Content-Length: {len(body)}\r\n" if length else "")
+        self.request.connection.write(head + body if body else head)
+        self.request.connection.answered(self.request)
+
+    def start(self, first: bytes, *, framed: bool) -> None:
+        """Send the head and the first body bytes; ``framed`` when the headers carry Content-Length.
+
+        Without a length the body is sent chunked to an HTTP/1.1 client, and
+        delimited by closing the connection to an HTTP/1.0 one.
+        """
+        head = self.head(framed=framed)
+        if self._chunked and first:
+            first = b"%x\r\n%b\r\n" % (len(first), first)
+        self.request.connection.write(head + first if first else head)
+
+    def head(self, *, framed: bool) -> bytes:
+        """The head of a streamed answer (``start`` sends it; ``splice`` sends it itself)."""
+        extra = ""
+        if not framed:
+            if self.request.http11:
+                self._chunked = True
+                extra = "Transfer-Encoding: chunked\r\n"
+            else:
+                self.request.keep_alive = False
+        return self._head_bytes(extra)
+
+    def write(self, chunk: bytes) -> None:
+        connection = self.request.connection
+        if self._chunked:
+            connection.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
+        else:
+            connection.write(chunk)
+
+    async def drain(self) -> None:
+        """Wait while the client reads slower than the upstream sends."""
+        waiter = self.request.connection.drain_waiter
+        if waiter is not None:
+            await waiter
+
+    def finish(self) -> None:
+        if self._chunked:
+            self.request.connection.write(b"0\r\n\r\n")
+        self.request.connection.answered(self.request)
+
+    def abort(self) -> None:
+        """Cut the connection: the body is incomplete and the client must not take it for whole."""
+        self.request.connection.abort()
+
+
+class Connection(asyncio.Protocol):
+    """One client connection: requests in, one at a time (pipelined ones wait their turn)."""
+
+    __slots__ = ("buffer", "deadline", "drain_waiter", "front", "request", "task", "transport")
+
+    def __init__(self, front: Front) -> None:
+        self.front = front
+        self.transport: asyncio.Transport | None = None
+        self.buffer = b""  # bytes of the next request (its head, or more)
+        self.request: Request | None = None  # the one being served
+        self.task: asyncio.Task[None] | None = None
+        self.deadline: float | None = None  # when the next head must have arrived
+        self.drain_waiter: asyncio.Future[None] | None = None
+
+    # ------------------------------------------------------------ asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.front.connections.add(self)
+        self._wait_for_head()
+
+    def data_received(self, data: bytes) -> None:
+        request = self.request
+        if request is not None:
+            if request.body_pending:
+                data = request.feed(data)
+            if request._body_waiter is not None:
+                self.deadline = asyncio.get_running_loop().time() + self.front.header_timeout
+            if data:
+                self.buffer += data
+                self._update_reading()  # a pipelined request waits its turn, in at most MAX_HEAD bytes
+            return
+        self.buffer = self.buffer + data if self.buffer else data
+        self._next_request()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.front.connections.discard(self)
+        self.deadline = None
+        if self.task is not None and not self.task.done():
+            self.task.cancel()  # the client is gone: stop working for it (the upstream request too)
+        waiter = self.drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        # Let go of what this connection held: the request and its task refer back to it, a
+        # cycle that only the garbage collector (rarely run, see server.tune_gc) would free,
+        # with a whole request body inside.
+        self.transport, self.request, self.task, self.buffer = None, None, None, b""
+
+    def pause_writing(self) -> None:
+        """The client reads slower than we answer: stop reading its requests until it catches up."""
+        if self.drain_waiter is None:
+            self.drain_waiter = asyncio.get_running_loop().create_future()
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        waiter, self.drain_waiter = self.drain_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        self._update_reading()
+        if self.request is None and self.buffer and self.transport is not None:
+            self._next_request()  # a pipelined request held back while the client was not reading
+
+    def _update_reading(self) -> None:
+        """Read from the client unless its answers pile up unread or a pipelined request is already waiting."""
+        transport = self.transport
+        if transport is None:
+            return
+        hold = self.drain_waiter is not None or (self.request is not None and len(self.buffer) > MAX_HEAD)
+        if hold and transport.is_reading():
+            transport.pause_reading()
+        elif not hold and not transport.is_reading():
+            transport.resume_reading()
+
+    # ------------------------------------------------------------ requests
+
+    def _wait_for_head(self) -> None:
+        self.deadline = asyncio.get_running_loop().time() + self.front.header_timeout
+
+    def _next_request(self) -> None:
+        buffer = self.buffer
+        if buffer[:1] in (b"\r", b"\n"):  # empty lines before a request line are ignored (RFC 9112 2.2)
+            buffer = self.buffer = buffer.lstrip(b"\r\n")
+        end = buffer.find(b"\r\n\r\n")
+        if end + 4 > MAX_HEAD:
+            self._refuse(too_large(HEADERS_TOO_LARGE))
+            return
+        if end < 0:
+            if len(buffer) > MAX_HEAD or (len(buffer) > MAX_LINE and buffer.find(b"\r\n", 0, MAX_LINE + 2) < 0):
+                line_end = buffer.find(b"\r\n", 0, MAX_LINE + 2)
+                self._refuse(too_large(URI_TOO_LONG if line_end < 0 else HEADERS_TOO_LARGE))
+            return
+        self.buffer = buffer[end + 4 :]
+        try:
+            request = self._parse_head(buffer[:end])
+            if request.headers.get("Upgrade", "").lower() == "websocket":
+                self._hand_over(request, buffer)
+                return
+            request._frame_body()
+        except Refusal as error:
+            log.debug("refused a malformed request: %s", error.message)
+            self._refuse(error)
+            return
+        self.request = request
+        self.deadline = None
+        if request.body_pending and self.buffer:
+            rest, self.buffer = self.buffer, b""
+            self.buffer = request.feed(rest)
+        self.task = asyncio.get_running_loop().create_task(self.front.handler(request))
+
+    def _parse_head(self, head: bytes) -> Request:
+        request_line, _, fields = head.partition(b"\r\n")
+        if len(request_line) > MAX_LINE:
+            raise too_large(URI_TOO_LONG)
+        line = _REQUEST_LINE.fullmatch(request_line)
+        if line is None:
+            # Only the method is echoed: the target may carry a presigned query's credentials.
+            raise Refusal(f"malformed request line (starting {request_line.split(b' ', 1)[0][:20]!r})")
+        method, raw_target, major, minor = line.groups()
+        if major != b"1" or minor not in (b"0", b"1"):
+            raise Refusal("signing-proxy speaks HTTP/1.1 (and 1.0)", 505, "http_version_not_supported")
+        try:
+            target = raw_target.decode("utf-8")
+        except UnicodeDecodeError:
+            raise Refusal(
+                "the request target must be UTF-8 (percent-encode other bytes)", reason="bad_request_target"
+            ) from None
+        block = fields + b"\r\n" if fields else b""
+        if block.count(b"\r\n") > MAX_HEADERS:
+            raise too_large(HEADERS_TOO_LARGE)
+        if len(block) > MAX_LINE and any(len(field) > MAX_LINE for field in block.split(b"\r\n")):
+            raise too_large(HEADERS_TOO_LARGE)
+        pairs = parse_fields(block, "surrogateescape")  # bytes that are not UTF-8 go upstream unchanged
+        if pairs is None:
+            raise Refusal(f"malformed header line (name {malformed_name(block)!r})")
+        # Upper-cased as aiohttp's parser did: upstreams behind aiohttp-style parsers see it so.
+        return Request(self, method.decode("ascii").upper(), target, minor == b"1", CIMultiDict(pairs))
+
+    def _hand_over(self, request: Request, received: bytes) -> None:
+        """Give this connection to aiohttp's server, replaying what was read, for the WebSocket upgrade.
+
+        Its request parser refuses raw UTF-8 in the target, so the target is
+        replayed percent-encoded (the same request once normalised for signing).
+        """
+        transport = self.transport
+        assert transport is not None
+        self.front.connections.discard(self)
+        self.deadline = None
+        target = "".join(c if c.isascii() else "".join(f"%{b:02X}" for b in c.encode()) for c in request.target)
+        version = "1.1" if request.http11 else "1.0"
+        replay = f"{request.method} {target} HTTP/{version}".encode() + received[received.find(b"\r\n") :]
+        protocol = self.front.upgrade()
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        protocol.data_received(replay)
+
+    def _refuse(self, error: Refusal) -> None:
+        """Answer a request that could not be parsed, and close: what follows it cannot be trusted."""
+        self.deadline = None
+        self.buffer = b""
+        body = error_body(error.message, error.reason)
+        self.write(
+            (
+                f"HTTP/1.1 {error.status} {REASONS.get(error.status, 'Bad Request')}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                f"Date: {http_date()}\r\nConnection: close\r\n\r\n"
+            ).encode()
+            + body
+        )
+        self.close()
+
+    def overdue(self) -> None:
+        """Nothing within ``header_timeout``: 408 for a head or body left unfinished, else just close."""
+        self.deadline = None
+        request = self.request
+        if request is not None:
+            if request.body_pending:  # read_body is waiting: the handler answers 408
+                request._end_body(Refusal("the request body stopped arriving for header_timeout", 408,
+                                          "request_timeout"))  # fmt: skip
+        elif self.buffer and self.drain_waiter is None:
+            self._refuse(Refusal("the request head did not arrive within header_timeout", 408, "request_timeout"))
+        else:
+            self.close()  # idle, or not reading our answers
+
+    def answered(self, request: Request) -> None:
+        """The answer to ``request`` is sent: read the next one, or close."""
+        self.request = None
+        self.task = None
+        if not request.keep_alive or request.body_pending or self.front.stopping or self.transport is None:
+            self.close()
+            return
+        self._wait_for_head()
+        self._update_reading()
+        if self.buffer and self.drain_waiter is None:  # else resume_writing takes the next request
+            self._next_request()
+
+    # ------------------------------------------------------------ writing
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def output_idle(self) -> bool:
+        """Nothing written is still waiting to be sent (so the socket may be written directly)."""
+        return self.transport is not None and self.transport.get_write_buffer_size() == 0
+
+    def writelines(self, data: tuple[bytes, ...]) -> None:
+        if self.transport is not None:
+            self.transport.writelines(data)
+
+    def close(self) -> None:
+        """Close after what was written is sent."""
+        self.deadline = None
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+
+def too_large(status: int) -> Refusal:
+    advice = {
+        URI_TOO_LONG: f"the request line is too long (limit {MAX_LINE} bytes)",
+        HEADERS_TOO_LARGE: f"the request headers are too large ({MAX_LINE} bytes a line, {MAX_HEADERS} fields, "
+        f"{MAX_HEAD // 1024} KiB in all)",
+    }[status]
+    return Refusal(advice, status)
+
+
+REASONS = {
+    400: "Bad Request",
+    404: "Not Found",
+    407: "Proxy Authentication Required",
+    408: "Request Timeout",
+    413: "Content Too Large",
+    414: "URI Too Long",
+    417: "Expectation Failed",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+    505: "HTTP Version Not Supported",
+}
