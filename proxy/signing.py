@@ -9,7 +9,10 @@ one AWS rebuilds from the request it receives:
   re-encoded with only the RFC 3986 unreserved characters left bare, hex in
   upper case (``%7e`` becomes ``~``, ``:`` becomes ``%3A``, raw UTF-8 becomes
   ``%E2%82%AC``); an encoded slash stays ``%2F`` inside its segment;
-* ``+`` in a query is a literal plus (RFC 3986), sent as ``%2B``;
+* ``+`` in a query is a space, sent as ``%20``: every form encoder (HTML
+  forms, ``requests``' ``params``, ``URLSearchParams``, HTTPie, Postman) writes
+  a space so, and API Gateway and most AWS query APIs read it so; ``%2B`` stays
+  a plus. In a path ``+`` is a literal plus, sent as ``%2B``;
 * dot segments and empty segments (``//``) are removed, as AWS does when it
   normalises the canonical URI; a trailing slash is kept.
 
@@ -48,7 +51,7 @@ def uri_encode(raw: bytes) -> str:
 def percent_decode(text: str) -> bytes:
     """Decode ``%XX`` escapes to bytes; a ``%`` not followed by two hex digits stays literal.
 
-    ``+`` is left alone: in a URI it is a plus, not a space.
+    ``+`` is left alone: in a path it is a plus (``query_decode`` reads it as a space).
     """
     raw = text.encode("utf-8", "surrogateescape")
     if b"%" not in raw:
@@ -64,6 +67,11 @@ def percent_decode(text: str) -> bytes:
             out.append(b)
             i += 1
     return bytes(out)
+
+
+def query_decode(text: str) -> bytes:
+    """A query key or value as bytes, form-decoded: ``+`` is a space, ``%2B`` a plus."""
+    return percent_decode(text.replace("+", " ") if "+" in text else text)
 
 
 def _normalize_segment(segment: str) -> str:
@@ -124,8 +132,8 @@ def normalize_query(raw_query: str) -> Query:
         if not part:
             continue
         key, sep, value = part.partition("=")
-        encoded_key = uri_encode(percent_decode(key))
-        encoded_value = uri_encode(percent_decode(value))
+        encoded_key = uri_encode(query_decode(key))
+        encoded_value = uri_encode(query_decode(value))
         wire_parts.append(f"{encoded_key}={encoded_value}" if sep else encoded_key)
         canonical_pairs.append((encoded_key, encoded_value))
     canonical_pairs.sort()

@@ -121,7 +121,7 @@ async def test_curl_end_to_end_with_awkward_path_and_query(sigv4_upstream, start
     got = sigv4_upstream.received[-1]
     assert got.signature_ok, got.signature_error
     assert echoed["raw_path"] == (
-        "/prod/caf%C3%A9/a%2Fb/~x~/?q=a%2Bb&q=~&flag&e=&sp=a%20b&r=%21%2A%27%28%29%2C%3B%3A%40%2F"
+        "/prod/caf%C3%A9/a%2Fb/~x~/?q=a%20b&q=~&flag&e=&sp=a%20b&r=%21%2A%27%28%29%2C%3B%3A%40%2F"
     )
 
 

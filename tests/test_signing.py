@@ -81,7 +81,7 @@ SHAPES: list[Shape] = [
     # --- queries that are not already canonical
     Shape("q-over-encoded-unreserved", "/items", "a=%7E&b=%41%42&c=%2D%5F%2E%30"),
     Shape("q-raw-reserved", "/items", "sel=!*'()&x=a,b;c:d@e/f&$=1"),
-    Shape("q-plus-is-literal", "/search", "q=a+b&r=+&+=x"),
+    Shape("q-plus-is-space", "/search", "q=a+b&r=+&+=x&s=a++b+"),
     Shape("q-encoded-plus-and-space", "/search", "q=a%2Bb&r=a%20b"),
     Shape("q-lowercase-hex", "/items", "p=%2f%3a%c3%a9&%7a=%7e"),
     Shape("q-raw-utf8", "/items", "name=é&cur=€&ß=ü"),
@@ -303,12 +303,15 @@ def wire_segments(wire_path: str) -> tuple[list[bytes], bool]:
 
 
 def decoded_pairs(raw_query: str | None) -> list[tuple[bytes, bytes | None]]:
-    """Query pairs decoded, order kept; ``None`` value for a bare key; empty parts dropped."""
+    """Query pairs form-decoded (``+`` is a space), order kept; ``None`` value for a bare key; empty parts dropped.
+
+    Uses urllib's decoder, as ``unquote_plus`` does, not the proxy's.
+    """
     pairs: list[tuple[bytes, bytes | None]] = []
     for part in (raw_query or "").split("&"):
         if not part:
             continue
-        key, sep, value = part.partition("=")
+        key, sep, value = part.replace("+", " ").partition("=")
         pairs.append((unquote_to_bytes(key), unquote_to_bytes(value) if sep else None))
     return pairs
 
@@ -391,7 +394,10 @@ def test_normalize_path_examples(raw: str, wire: str) -> None:
     [
         ("", "", ""),
         ("a=%7e", "a=~", "a=~"),
-        ("q=a+b", "q=a%2Bb", "q=a%2Bb"),
+        ("q=a+b", "q=a%20b", "q=a%20b"),
+        ("q=a%2Bb&r=a%2bb", "q=a%2Bb&r=a%2Bb", "q=a%2Bb&r=a%2Bb"),
+        ("a+b=+&++", "a%20b=%20&%20%20", "%20%20=&a%20b=%20"),
+        ("q=a%20b+c", "q=a%20b%20c", "q=a%20b%20c"),
         ("b=2&a=1&b=1", "b=2&a=1&b=1", "a=1&b=1&b=2"),
         ("flag", "flag", "flag="),
         ("a&a=", "a&a=", "a=&a="),
