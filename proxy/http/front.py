@@ -38,6 +38,7 @@ from typing import Any
 from multidict import CIMultiDict
 
 from .http1 import EMPTY_SHA256, TOKEN, ChunkDecoder, connection_tokens, http_date, malformed_name, parse_fields
+from .linger import LingeringClose
 
 log = logging.getLogger("signing_proxy.front")
 
@@ -81,6 +82,7 @@ class Front:
         self.header_timeout = header_timeout
         self.upgrade = upgrade  # makes the aiohttp protocol a WebSocket upgrade is handed to
         self.connections: set[Connection] = set()
+        self.lingering: set[LingeringClose] = set()  # connections closing after an early answer
         self.stopping = False
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -112,7 +114,7 @@ class Front:
                 task.cancel()
             if late:
                 await asyncio.wait(late, timeout=1.0)
-        for connection in list(self.connections):
+        for connection in [*self.connections, *self.lingering]:
             connection.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
@@ -521,7 +523,10 @@ class Connection(asyncio.Protocol):
             ).encode()
             + body
         )
-        self.close()
+        if error.status == 408:
+            self.close()  # a client too slow is not waited for
+        else:
+            self.linger()
 
     def overdue(self) -> None:
         """Nothing within ``header_timeout``: 408 for a head or body left unfinished, else just close."""
@@ -540,6 +545,9 @@ class Connection(asyncio.Protocol):
         """The answer to ``request`` is sent: read the next one, or close."""
         self.request = None
         self.task = None
+        if request.body_pending and request.status != 408:  # a client too slow is not waited for
+            self.linger()  # it may still be writing the body we did not read
+            return
         if not request.keep_alive or request.body_pending or self.front.stopping or self.transport is None:
             self.close()
             return
@@ -571,6 +579,15 @@ class Connection(asyncio.Protocol):
     def abort(self) -> None:
         if self.transport is not None:
             self.transport.abort()
+
+    def linger(self) -> None:
+        """Close after an answer sent before the request was read to its end, without a reset (see ``linger``)."""
+        transport = self.transport
+        self.front.connections.discard(self)
+        self.deadline = None
+        self.transport, self.request, self.task, self.buffer = None, None, None, b""
+        if transport is not None:
+            LingeringClose(transport, self.front.lingering)
 
 
 def too_large(status: int) -> Refusal:
