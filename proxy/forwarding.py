@@ -180,6 +180,21 @@ class Forwarder:
             )
         return f"{route.credentials} {credentials.key_prefix}"
 
+    async def credentials_ready(self, route: Route, exchange: Exchange) -> None:
+        """Have (or fetch) what the route authenticates with; a 503 ``Refusal`` when it cannot be had.
+
+        Asked before ``100 Continue``: a large upload is never invited only to be refused.
+        ``authorize`` then finds the credentials cached.
+        """
+        if route.auth == "none":
+            return
+        provider = self.providers[route.credentials]
+        try:
+            await (provider.aws_credentials() if route.auth == "sigv4" else provider.user_pool_tokens())
+        except CredentialsUnavailable as error:
+            exchange.credentials = route.credentials
+            raise unavailable(route, error) from None
+
     # ------------------------------------------------------------ the handler
 
     async def handle(self, request: Request) -> None:
@@ -208,6 +223,8 @@ class Forwarder:
 
     async def _forward(self, request: Request, match: Match, raw_query: str, exchange: Exchange) -> None:
         route = match.route
+        if request.expect_continue:  # "100 Continue" only once nothing local can refuse the body
+            await self.credentials_ready(route, exchange)
         try:
             body, body_size, payload_sha256 = await request.read_body()
         except BodyTooLarge:

@@ -102,3 +102,33 @@ async def test_node_fetch_url_search_params(
     argv = ["node", "--input-type=module", "-e", NODE_FETCH, proxy.url, json.dumps(MEANT)]
     await run(argv, client_env(tmp_path))
     assert_meant(sigv4_upstream)
+
+
+UPLOAD = 2 << 20
+# Each local refusal, and what the route config and request must be to get it.
+REFUSED_BEFORE_CONTINUE = {
+    "503-no-credentials": ({"credentials": "default"}, {}, "/u", 503),  # nothing in the default chain here
+    "413-too-large": ({}, {"max_body": "1MiB"}, "/u", 413),
+    "407-no-inbound-token": ({}, {"inbound_token": "letmein-0123456789"}, "/u", 407),
+    "404-no-route": ({"path_prefix": "/api"}, {}, "/elsewhere", 404),
+    "200-accepted": ({}, {}, "/u", 200),
+}
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed (.ci/run installs it)")
+@pytest.mark.parametrize("case", REFUSED_BEFORE_CONTINUE)
+async def test_curl_expect_100_continue_uploads_only_what_will_be_forwarded(
+    sigv4_upstream: SigV4Upstream, start_proxy: StartProxy, tmp_path: Path, case: str
+) -> None:
+    """``100 Continue`` comes only after route, length, inbound token and credentials passed: a refused
+    upload is never sent (curl's ``size_upload`` counts the body bytes it wrote)."""
+    route, config, path, status = REFUSED_BEFORE_CONTINUE[case]
+    base = static_route(sigv4_upstream.url, **route)
+    proxy = await start_proxy({**base, **config})
+    payload = tmp_path / "payload.bin"
+    payload.write_bytes(bytes(UPLOAD))
+    argv = ["curl", "-sS", "--noproxy", "*", "-o", "/dev/null", "-w", "%{http_code} %{size_upload}"]
+    argv += ["-H", "Expect: 100-continue", "--expect100-timeout", "30", "--data-binary", f"@{payload}"]
+    out = await run([*argv, proxy.url + path], client_env(tmp_path))
+    assert out.split() == [str(status), str(UPLOAD if status == 200 else 0)]
+    assert len(sigv4_upstream.received) == (status == 200)
