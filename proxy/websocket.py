@@ -53,6 +53,7 @@ from .config import Route
 from .credentials import CredentialsUnavailable
 from .http.front import Refusal, error_body
 from .http.http1 import hop_by_hop
+from .http.upstream import connect_failure
 from .ops.logs import Exchange
 from .routing import Match
 
@@ -285,7 +286,7 @@ async def relay_websocket(
             504, f"cannot connect to {host} within {timeouts.connect:g}s (connect_timeout)", "upstream_timeout"
         )
     except OSError as error:
-        return error_response(502, f"cannot connect to {host}: {error.strerror or error}", "upstream_unreachable")
+        return error_response(502, f"{host}: cannot connect ({connect_failure(error)})", "upstream_unreachable")
     try:
         upstream = await _handshake(url, sock, headers, offered, timeouts.first_byte)
     except InvalidStatus as refused:
@@ -301,7 +302,7 @@ async def relay_websocket(
     except InvalidHandshake as error:
         return error_response(502, f"{host} answered the WebSocket upgrade wrongly: {error}", "upstream_bad_response")
     except OSError as error:
-        return error_response(502, f"connection to {host} failed: {error.strerror or error}", "upstream_error")
+        return error_response(502, f"{host}: connection failed ({connect_failure(error)})", "upstream_error")
 
     client = web.WebSocketResponse(
         protocols=(upstream.subprotocol,) if upstream.subprotocol else (),

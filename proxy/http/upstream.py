@@ -16,7 +16,9 @@ came back, and only for idempotent methods: a POST is never replayed.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import socket
 import ssl
 from collections import deque
 from collections.abc import Iterable
@@ -45,6 +47,27 @@ class ConnectError(UpstreamError):
 
 class ConnectTimeout(UpstreamError):
     reason = "upstream_connect_timeout"
+
+
+def connect_failure(error: OSError) -> str:
+    """Why a connection (or its TLS handshake) failed, in a few words: refused, DNS, TLS, unreachable, ...
+
+    asyncio words a refusal as "Connect call failed ('10.0.0.1', 443)", once per address tried, and
+    the caller already names the address: only the reason is kept.
+    """
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return f"TLS certificate not accepted: {error.verify_message}"
+    if isinstance(error, ssl.SSLError):
+        return f"TLS handshake failed: {(error.reason or str(error)).replace('_', ' ').lower()}"
+    if isinstance(error, socket.gaierror):
+        return f"DNS lookup failed: {error.strerror}"
+    codes = {error.errno} if error.errno else {int(code) for code in _ERRNO(str(error))}
+    if len(codes) == 1:
+        return os.strerror(codes.pop()).lower()  # "connection refused", "network is unreachable", ...
+    return str(error) or type(error).__name__
+
+
+_ERRNO = re.compile(r"\[Errno (\d+)\]").findall
 
 
 class FirstByteTimeout(UpstreamError):
@@ -411,9 +434,9 @@ class Pool:
                     server_hostname=host if scheme == "https" else None,
                 )
         except TimeoutError:
-            raise ConnectTimeout(f"cannot connect to {host}:{port} within {timeout:g}s") from None
-        except (OSError, ssl.SSLError) as error:
-            raise ConnectError(f"cannot connect to {host}:{port}: {error.strerror or error}") from None
+            raise ConnectTimeout(f"cannot connect within {timeout:g}s") from None
+        except OSError as error:  # the caller names the upstream: the message says only why
+            raise ConnectError(f"cannot connect ({connect_failure(error)})") from None
         self._all.add(connection)
         return connection
 

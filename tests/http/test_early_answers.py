@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 
 from proxy.http import linger
+from proxy.http.front import Front
+from proxy.server import ProxyServer
 from tests.conftest import StartProxy, static_route
 from tests.support.rawhttp import parse_response
 from tests.support.sigv4_upstream import SigV4Upstream
@@ -26,7 +28,7 @@ TRIES = 50
 DEADLINE = 60.0
 
 
-async def refusing_proxy(start_proxy: StartProxy, upstream: SigV4Upstream, **config: object):
+async def refusing_proxy(start_proxy: StartProxy, upstream: SigV4Upstream, **config: object) -> ProxyServer:
     return await start_proxy({**static_route(upstream.url), "max_body": "1MiB", **config})
 
 
@@ -88,10 +90,10 @@ async def test_curl_without_expect_reads_the_answer_every_time(
     assert sigv4_upstream.received == []
 
 
-async def wait_until_closed(proxy_front, timeout: float = DEADLINE) -> None:
+async def wait_until_closed(front: Front, timeout: float = DEADLINE) -> None:
     """Until the proxy holds no lingering connection (a state of the proxy, polled)."""
     async with asyncio.timeout(timeout):
-        while proxy_front.lingering:
+        while front.lingering:
             await asyncio.sleep(0.05)
 
 
