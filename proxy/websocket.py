@@ -214,7 +214,7 @@ class Upgrades:
         response: web.StreamResponse | None = None
         try:
             match, raw_query = forwarder.resolve(request.raw_path, request.headers, exchange)
-            response = await relay_websocket(forwarder, request, match, raw_query, self.relays)
+            response = await relay_websocket(forwarder, request, match, raw_query, self.relays, exchange)
         except Refusal as refusal:
             response = error_response(refusal.status, refusal.message, refusal.reason, **dict(refusal.headers))
         except Exception:
@@ -242,9 +242,18 @@ class Upgrades:
 
 
 async def relay_websocket(
-    forwarder: Forwarder, request: web.BaseRequest, match: Match, raw_query: str, relays: set[_Relay]
+    forwarder: Forwarder,
+    request: web.BaseRequest,
+    match: Match,
+    raw_query: str,
+    relays: set[_Relay],
+    exchange: Exchange,
 ) -> web.StreamResponse:
-    """Open the upstream WebSocket, then accept the client's and relay until either side closes."""
+    """Open the upstream WebSocket, then accept the client's and relay until either side closes.
+
+    ``exchange`` gets what the access line shows: who signed, the upstream's time to
+    accept the upgrade, and the message bytes relayed each way.
+    """
     route = match.route
     offered = offered_subprotocols(request.headers)
     if not web.WebSocketResponse(protocols=offered).can_prepare(request).ok:
@@ -260,10 +269,11 @@ async def relay_websocket(
     query = signing.normalize_query(raw_query)
     try:
         if route.auth == "sigv4" and route.websocket_signing == "query":
-            query = await _presigned(forwarder, match, query)
+            query, exchange.credentials = await _presigned(forwarder, match, query)
         else:
-            await forwarder.authorize("GET", match, query, headers, signing.EMPTY_SHA256)
+            exchange.credentials = await forwarder.authorize("GET", match, query, headers, signing.EMPTY_SHA256)
     except CredentialsUnavailable as error:
+        exchange.credentials = route.credentials
         return error_response(
             503, f"credentials {route.credentials!r} are unavailable: {error}", error.reason, **{"Retry-After": "5"}
         )
@@ -279,6 +289,7 @@ async def relay_websocket(
     url = upstream_ws_url(match, query)
     host = route.upstream_host
     timeouts = route.timeouts
+    opening = time.monotonic()
     try:
         sock = await open_socket(route, timeouts.connect)
     except TimeoutError:
@@ -304,6 +315,7 @@ async def relay_websocket(
     except OSError as error:
         return error_response(502, f"{host}: connection failed ({connect_failure(error)})", "upstream_error")
 
+    exchange.upstream_first_byte = time.monotonic() - opening
     client = web.WebSocketResponse(
         protocols=(upstream.subprotocol,) if upstream.subprotocol else (),
         autoping=False,  # pings are answered here *and* passed upstream, see _Relay
@@ -318,7 +330,7 @@ async def relay_websocket(
         await _close_upstream(upstream, *CLIENT_LOST)
         raise
     try:
-        await _Relay(request, client, upstream, f"{route.path_prefix} {host}", relays).run()
+        await _Relay(request, client, upstream, f"{route.path_prefix} {host}", relays, exchange).run()
     except asyncio.CancelledError:
         # aiohttp cancels the handler once the client's TCP connection is gone, and closing a
         # WebSocket closes that connection: a relay that ended normally is often cancelled in
@@ -384,11 +396,12 @@ async def _handshake(
         raise
 
 
-async def _presigned(forwarder: Forwarder, match: Match, query: signing.Query) -> signing.Query:
-    """The query with the route's credentials presigned into it (``websocket_signing: query``)."""
+async def _presigned(forwarder: Forwarder, match: Match, query: signing.Query) -> tuple[signing.Query, str]:
+    """The query with the route's credentials presigned into it (``websocket_signing: query``), and who signed."""
     route = match.route
     credentials = await forwarder.providers[route.credentials].aws_credentials()
     amz_date = signing.amz_date(time.time() + forwarder.clock_offset)
+    signed_by = f"{route.credentials} {credentials.key_prefix}"
     return presign_query(
         "GET",
         match.upstream_path,
@@ -400,7 +413,7 @@ async def _presigned(forwarder: Forwarder, match: Match, query: signing.Query) -
         amz_date=amz_date,
         region=route.resolved_region or "",
         service=route.service,
-    )
+    ), signed_by
 
 
 def refusal_response(response: HandshakeResponse) -> web.Response:
@@ -427,7 +440,17 @@ class _Relay:
     Whoever closes first decides the close code and reason the other side gets.
     """
 
-    __slots__ = ("client", "client_closed", "label", "opened", "pending_ping", "relays", "request", "upstream")
+    __slots__ = (
+        "client",
+        "client_closed",
+        "exchange",
+        "label",
+        "opened",
+        "pending_ping",
+        "relays",
+        "request",
+        "upstream",
+    )
 
     def __init__(
         self,
@@ -436,8 +459,10 @@ class _Relay:
         upstream: ClientConnection,
         label: str,
         relays: set[_Relay],
+        exchange: Exchange,
     ) -> None:
         self.request = request
+        self.exchange = exchange  # bytes_in and bytes_out: message payloads relayed each way
         self.relays = relays
         self.client = client
         self.upstream = upstream
@@ -537,6 +562,7 @@ class _Relay:
                 await self.upstream.send(frames, text=text)
         except ConnectionClosed:
             return False  # _upstream_to_client sees the same closure and tells the client
+        self.exchange.bytes_in += len(data)
         return True
 
     async def _ping_upstream(self) -> None:
@@ -569,8 +595,10 @@ class _Relay:
                 try:
                     if isinstance(data, str):
                         await client.send_str(data)
+                        self.exchange.bytes_out += len(data.encode())
                     else:
                         await client.send_bytes(data)
+                        self.exchange.bytes_out += len(data)
                 except ConnectionError:  # reset, or "Connection lost" while waiting to write
                     client_gone = True  # _client_to_upstream sees it too, and closes the upstream
         except ConnectionClosed as closed:

@@ -535,3 +535,22 @@ async def test_an_upstream_that_stops_reading_stops_the_client(ws_upstream, star
             task.cancel()
             connection.release.set()
             ws.transport.abort()
+
+
+@pytest.mark.parametrize("signing_mode", ["headers", "query"])
+async def test_the_access_line_of_a_session_has_its_bytes_duration_and_credentials(
+    signing_mode: str, ws_upstream, start_proxy, caplog
+) -> None:
+    """It said ``in=0 out=0 creds=-``: now the message bytes relayed each way and who signed the upgrade."""
+    caplog.set_level(logging.INFO, logger="signing_proxy.access")
+    proxy = await start_proxy(static_route(ws_upstream.url, websocket_signing=signing_mode))
+    async with connect(ws_url(proxy)) as ws:
+        await ws.send("héllo")  # 6 bytes in UTF-8
+        assert await asyncio.wait_for(ws.recv(), DEADLINE) == "héllo"
+        await ws.send(bytes(1000))
+        assert await asyncio.wait_for(ws.recv(), DEADLINE) == bytes(1000)
+    await proxy.close()  # waits for the handler, and so for its access line
+    [access] = [r.access for r in caplog.records if r.name == "signing_proxy.access"]  # type: ignore[attr-defined]
+    assert (access["status"], access["bytes_in"], access["bytes_out"]) == (101, 1006, 1006)
+    assert access["credentials"] == f"test {TEST_KEY_ID[:8]}…"
+    assert access["duration_ms"] >= access["upstream_ttfb_ms"] > 0
