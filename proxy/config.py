@@ -238,6 +238,53 @@ def region_from_host(host: str) -> str | None:
     return match.group(1) if match else None
 
 
+_ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#@\s]+")
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP method or header name (RFC 9110 5.6.2)
+
+
+def _as_list(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
+
+
+Names = Annotated[tuple[str, ...], BeforeValidator(_as_list)]
+
+
+class Cors(_Frozen):
+    """Browsers' cross-origin requests, answered by the proxy itself (see ``cors``)."""
+
+    allow_origins: Names  # exact origins, or "*"
+    allow_methods: Names = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")  # or "*"
+    allow_headers: Names = ("*",)  # request headers a page may set; "*": whatever it asks for
+    expose_headers: Names = ()  # response headers a page may read beyond the safelisted ones; "*": all
+    allow_credentials: bool = False  # cookies and HTTP authentication from the browser
+    max_age: Duration = 600.0  # how long a browser may reuse a preflight's answer
+
+    @field_validator("allow_origins")
+    @classmethod
+    def _origins(cls, values: tuple[str, ...]) -> tuple[str, ...]:
+        for value in values:
+            if value != "*" and not _ORIGIN.fullmatch(value):
+                raise ValueError(
+                    f"expected an origin such as http://localhost:3000 (no path, no trailing /) or *, got {value!r}"
+                )
+        return values
+
+    @field_validator("allow_methods", "allow_headers", "expose_headers")
+    @classmethod
+    def _tokens(cls, values: tuple[str, ...]) -> tuple[str, ...]:
+        for value in values:
+            if value != "*" and not _TOKEN.fullmatch(value):
+                raise ValueError(f"expected a method or header name (or *), got {value!r}")
+        return values
+
+    @model_validator(mode="after")
+    def _credentials_need_origins(self) -> Cors:
+        if self.allow_credentials and "*" in self.allow_origins:
+            raise ValueError("allow_origins: * cannot be combined with allow_credentials (browsers refuse it); "
+                             "list the origins")  # fmt: skip
+        return self
+
+
 @dataclass(frozen=True, slots=True)
 class Timeouts:
     """A route's effective timeout per phase of an exchange, in seconds."""
@@ -260,6 +307,7 @@ class Route(_Frozen):
     first_byte_timeout: Duration | None = None
     idle_timeout: Duration | None = None
     websocket_signing: Literal["headers", "query"] = "headers"
+    cors: Cors | None = None  # replaces the top-level cors for this route
 
     @field_validator("path_prefix")
     @classmethod
@@ -343,6 +391,7 @@ class Config(_Frozen):
     workers: Literal["auto"] | Annotated[int, Field(ge=1, le=256)] = "auto"  # processes sharing the port
     inbound_token: str | None = Field(default=None, min_length=16, repr=False)  # Proxy-Authorization: Bearer ...
     credentials: dict[str, SourceConfig] = Field(default_factory=dict)
+    cors: Cors | None = None  # for every route without its own; off unless set
     routes: tuple[Route, ...]
 
     @field_validator("routes")

@@ -23,7 +23,7 @@ from typing import Any
 
 from multidict import CIMultiDict
 
-from . import signing
+from . import cors, signing
 from .config import Config, Route
 from .credentials import CredentialsUnavailable, Provider
 from .http import splice
@@ -87,6 +87,7 @@ class Forwarder:
         self.providers = providers
         self.pool = pool
         self.clock_offset = 0.0  # seconds to add to our clock when signing (skew correction)
+        self.cors, self.route_cors = cors.policies(config)
 
     # ------------------------------------------------------------ request side
 
@@ -200,11 +201,22 @@ class Forwarder:
     async def handle(self, request: Request) -> None:
         started = time.monotonic()
         exchange = Exchange(request.method)
+        policy = self.cors  # the route's, once it is known
         try:
             match, raw_query = self.resolve(request.target, request.headers, exchange)
-            await self._forward(request, match, raw_query, exchange)
+            policy = self.route_cors[match.route.path_prefix]
+            if policy is not None and cors.is_preflight(request.method, request.headers):
+                answer_preflight(request, policy)  # never signed, never forwarded
+                return
+            await self._forward(request, match, raw_query, exchange, policy)
         except Refusal as refusal:
-            request.refuse(refusal)
+            if policy is None:
+                request.refuse(refusal)
+            elif refusal.reason == "no_route" and cors.is_preflight(request.method, request.headers):
+                answer_preflight(request, policy)  # so that the page reads the 404 its request then gets
+            else:  # the page may read why (as JSON) rather than see a network error
+                refusal.headers = tuple(policy.answer_headers(request.headers.get("Origin"), refusal.headers))
+                request.refuse(refusal)
         except asyncio.CancelledError:
             exchange.client_gone = True  # the client closed its connection: nobody is waiting any more
             raise
@@ -221,7 +233,9 @@ class Forwarder:
                 exchange.status = request.status
             self.observe(exchange)
 
-    async def _forward(self, request: Request, match: Match, raw_query: str, exchange: Exchange) -> None:
+    async def _forward(
+        self, request: Request, match: Match, raw_query: str, exchange: Exchange, policy: cors.Policy | None
+    ) -> None:
         route = match.route
         if request.expect_continue:  # "100 Continue" only once nothing local can refuse the body
             await self.credentials_ready(route, exchange)
@@ -244,7 +258,7 @@ class Forwarder:
         upstream = await self._send(request.method, route, target, headers, body, exchange)
         try:
             prefetched = await self._check_clock_skew(route, upstream, exchange) if upstream.status == 403 else None
-            await self._relay(request, upstream, exchange, prefetched)
+            await self._relay(request, upstream, exchange, prefetched, policy)
         except BaseException:
             upstream.close()  # a half-read connection never goes back to the pool
             raise
@@ -304,6 +318,7 @@ class Forwarder:
         upstream: UpstreamResponse,
         exchange: Exchange,
         prefetched: bytes | None = None,
+        policy: cors.Policy | None = None,
     ) -> None:
         """Stream the upstream response to the client as it arrives (or send ``prefetched``, its whole body).
 
@@ -316,6 +331,8 @@ class Forwarder:
         """
         drop = hop_by_hop(upstream.headers)
         headers = [(name, value) for name, value in upstream.headers.items() if name.lower() not in drop]
+        if policy is not None:
+            headers = policy.answer_headers(request.headers.get("Origin"), headers)
         response = request.respond(upstream.status, upstream.reason, headers)
         if prefetched is None:
             first, complete = upstream.read_nowait(), upstream.is_eof()
@@ -377,6 +394,20 @@ class Forwarder:
             self.metrics.observe(exchange)
         if access_log.isEnabledFor(logging.INFO):
             log_access(exchange, with_query_values=access_log.isEnabledFor(logging.DEBUG))
+
+
+def answer_preflight(request: Request, policy: cors.Policy) -> None:
+    """``204`` with the policy's CORS headers, or a ``403`` saying what the config does not allow."""
+    headers = request.headers
+    origin = headers.get("Origin")
+    try:
+        allowed = policy.preflight(
+            origin, headers["Access-Control-Request-Method"], headers.get("Access-Control-Request-Headers")
+        )
+    except cors.Rejected as rejected:
+        request.refuse(Refusal(str(rejected), 403, "cors_not_allowed", tuple(policy.answer_headers(origin, ()))))
+        return
+    request.respond(204, "No Content", allowed).send(length=False)
 
 
 def cut_short(response: Response, upstream: UpstreamResponse, exchange: Exchange, error: Exception) -> None:

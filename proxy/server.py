@@ -13,6 +13,7 @@ from collections.abc import Callable
 from aiohttp import web
 
 from .config import Config, ConfigError, is_loopback
+from .cors import any_origin
 from .credentials import CredentialsUnavailable, Provider, build_providers
 from .forwarding import Forwarder
 from .http.front import Front, Request
@@ -89,6 +90,11 @@ class ProxyServer:
                 "listening on %s, which is not loopback, without inbound_token: anyone who reaches this port "
                 "signs requests with this proxy's AWS identity",
                 self.host,
+            )
+        if self.worker == 0 and any_origin(self.config):
+            log.warning(
+                "cors.allow_origins has *: any web page open in a browser on this machine can call your APIs "
+                "through this proxy, with its AWS identity, and read the answers; list your app's origins instead"
             )
         self._warm_all()
         tune_gc()

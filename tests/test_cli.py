@@ -171,6 +171,7 @@ def test_example_config_is_valid_and_documents_every_key() -> None:
     models = [
         cfg.Config,
         cfg.Route,
+        cfg.Cors,
         *[m for m in vars(cfg).values() if isinstance(m, type) and m.__name__.endswith("Source")],
     ]
     for model in models:

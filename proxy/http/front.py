@@ -601,6 +601,7 @@ def too_large(status: int) -> Refusal:
 
 REASONS = {
     400: "Bad Request",
+    403: "Forbidden",
     404: "Not Found",
     407: "Proxy Authentication Required",
     408: "Request Timeout",
