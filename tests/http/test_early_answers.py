@@ -20,6 +20,7 @@ from proxy.http import linger
 from proxy.http.front import Front
 from proxy.server import ProxyServer
 from tests.conftest import StartProxy, static_route
+from tests.support.faults import start_proxy_process
 from tests.support.rawhttp import parse_response
 from tests.support.sigv4_upstream import SigV4Upstream
 
@@ -63,11 +64,30 @@ async def test_node_fetch_with_a_20_mib_body_reads_the_413_every_time(
 ) -> None:
     """Node's fetch (undici) saw ECONNRESET in about half of the tries before lingering close."""
     proxy = await refusing_proxy(start_proxy, sigv4_upstream)
-    argv = ["node", "--input-type=module", "-e", NODE_FETCH, proxy.url + "/upload", str(TRIES), str(BODY_SIZE)]
+    assert await node_outcomes(proxy.url + "/upload") == {"413 body_too_large": TRIES}
+    assert sigv4_upstream.received == []
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed (.ci/run installs it)")
+async def test_the_same_against_the_proxy_as_a_process(sigv4_upstream: SigV4Upstream, tmp_path: Path) -> None:
+    """``signing-proxy run`` as users start it: on uvloop when installed, whose transports differ from asyncio's."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proxy = await start_proxy_process({**static_route(sigv4_upstream.url), "max_body": "1MiB"}, tmp_path, port)
+    try:
+        assert await node_outcomes(proxy.url + "/upload") == {"413 body_too_large": TRIES}
+    finally:
+        await proxy.stop()
+    assert sigv4_upstream.received == []
+
+
+async def node_outcomes(url: str) -> dict[str, int]:
+    """How many of ``TRIES`` fetches with a 20 MiB body ended how (status and reason, or the error's code)."""
+    argv = ["node", "--input-type=module", "-e", NODE_FETCH, url, str(TRIES), str(BODY_SIZE)]
     node = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE)
     out, _ = await asyncio.wait_for(node.communicate(), DEADLINE)
-    assert json.loads(out) == {"413 body_too_large": TRIES}
-    assert sigv4_upstream.received == []
+    return json.loads(out)
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed (.ci/run installs it)")
