@@ -33,6 +33,7 @@ async function call(url) {
   try {
     const response = await fetch(url, {
       method: "POST",
+      credentials: url.includes("/creds/") ? "include" : "same-origin",
       headers: {"Content-Type": "application/json", "X-Custom": "from-the-page"},
       body: JSON.stringify({name: "rex", note: "café"}),
     });
@@ -87,11 +88,16 @@ async def page_server() -> AsyncIterator[PageServer]:
 
 
 async def run_chromium(url: str, profile: Path, result: asyncio.Future[dict[str, Any]]) -> dict[str, Any]:
-    """Open ``url`` in headless Chromium (a fresh profile, nothing fetched from outside); the page's result."""
+    """Open ``url`` in headless Chromium; the page's result.
+
+    A fresh profile, background fetches off, and every host name but 127.0.0.1 unresolvable:
+    nothing leaves the machine.
+    """
     assert CHROMIUM is not None
     argv = [
         CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        "--disable-domain-reliability", "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
         f"--user-data-dir={profile}", url,
     ]  # fmt: skip
     browser = await asyncio.create_subprocess_exec(
@@ -122,12 +128,17 @@ async def test_a_page_calls_a_signed_api_through_the_proxy(
     config["routes"].append(
         {**config["routes"][0], "path_prefix": "/other", "cors": {"allow_origins": ["http://localhost:3999"]}}
     )
+    config["routes"].append(
+        {**config["routes"][0], "path_prefix": "/creds",
+         "cors": {"allow_origins": [page_server.origin], "allow_credentials": True, "expose_headers": "*"}}
+    )  # fmt: skip
     config["cors"] = {"allow_origins": [page_server.origin], "expose_headers": ["X-Request-Id"]}
     proxy = await start_proxy(config)
     page_server.calls = {
         "allowed": f"{proxy.url}/api/pets?q=hello+world",  # top-level cors: the page's origin
         "other_origin": f"{proxy.url}/other/pets",  # the route's own cors: another origin only
         "no_route": f"{proxy.url}/nowhere",  # the proxy's own answer, readable by the page
+        "credentials": f"{proxy.url}/creds/pets",  # fetch(..., {credentials: "include"}), every header exposed
     }
     results = await run_chromium(page_server.origin + "/", tmp_path / "profile", page_server.result)
 
@@ -142,7 +153,14 @@ async def test_a_page_calls_a_signed_api_through_the_proxy(
     }
     assert (allowed["requestId"], allowed["internal"]) == ("r-42", None)  # exposed, and not
 
+    with_credentials = results["credentials"]
+    assert with_credentials.get("status") == 200, with_credentials
+    assert (with_credentials["requestId"], with_credentials["internal"]) == ("r-42", "secret-ish")
+
     assert results["other_origin"] == {"error": "TypeError: Failed to fetch"}
     assert results["no_route"]["status"] == 404 and results["no_route"]["body"]["reason"] == "no_route"
     # Only the allowed POST went upstream: no preflight, and nothing for the refused origin.
-    assert [(r.method, r.raw_path) for r in sigv4_upstream.received] == [("POST", "/pets?q=hello%20world")]
+    assert [(r.method, r.raw_path) for r in sigv4_upstream.received] == [
+        ("POST", "/pets?q=hello%20world"),
+        ("POST", "/pets"),
+    ]
