@@ -1,8 +1,8 @@
-"""Benchmark plumbing: ports, child processes (upstreams, nginx, the proxy), and /proc readings.
+"""Benchmark plumbing: child processes (nginx, the built-in upstream, proxies of one or two checkouts) and /proc.
 
-Every process started here is started in its own session and stopped by its own
-pid (SIGTERM, then SIGKILL to its process group after a grace period), so a
-benchmark never leaves anything behind and never touches a process it did not start.
+Every process started here runs in its own session and is stopped by its own pid (SIGTERM, then
+SIGKILL to its process group after a grace period): a benchmark never leaves anything behind and
+never touches a process it did not start.
 """
 
 from __future__ import annotations
@@ -10,31 +10,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import resource
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = Path(__file__).resolve().parent
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 ENV = {**os.environ, "AWS_EC2_METADATA_DISABLED": "true", "PYTHONUNBUFFERED": "1"}
-SIZE_UNITS = {"": 1, "b": 1, "kb": 1000, "kib": 1024, "mb": 1000**2, "mib": 1024**2, "gb": 1000**3, "gib": 1024**3}
 
 
-def parse_size(text: str) -> int:
-    """``1GiB``, ``512MiB``, ``100MB`` or a number of bytes."""
-    number = text.strip().rstrip("bBiIkKmMgG")
-    unit = text.strip()[len(number) :].lower()
-    try:
-        return int(float(number) * SIZE_UNITS[unit])
-    except (KeyError, ValueError):
-        raise ValueError(f"expected a size such as 1GiB or 512MiB, got {text!r}") from None
+def progress(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def free_port() -> int:
@@ -43,10 +36,10 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def wait_port(port: int, timeout: float = 15, process: subprocess.Popen | None = None) -> None:
+def wait_port(port: int, process: subprocess.Popen, timeout: float = 15) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
+        if process.poll() is not None:
             raise RuntimeError(f"{process.args!r} exited with status {process.returncode} before listening")
         with socket.socket() as probe:
             if probe.connect_ex(("127.0.0.1", port)) == 0:
@@ -55,8 +48,16 @@ def wait_port(port: int, timeout: float = 15, process: subprocess.Popen | None =
     raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout:g}s")
 
 
+def raise_fd_limit() -> int:
+    """Soft RLIMIT_NOFILE up to the hard one, for this process and every child (wrk -c1000, the proxy)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
 def run_async(coroutine):  # type: ignore[no-untyped-def]
-    """Run a coroutine on uvloop when installed (a faster client disturbs the measurement less)."""
+    """Run a client coroutine on uvloop when installed: a faster client disturbs the measurement less."""
     try:
         import uvloop
     except ImportError:
@@ -73,15 +74,14 @@ def _stat_fields(pid: int) -> list[str]:
 
 
 def process_tree(pid: int) -> list[int]:
-    """``pid`` and all its live descendants (workers may be child processes)."""
+    """``pid`` and its live descendants (the proxy's workers are child processes)."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                parent = int(_stat_fields(int(entry))[1])
+                children.setdefault(int(_stat_fields(int(entry))[1]), []).append(int(entry))
             except (OSError, ValueError, IndexError):
                 continue
-            children.setdefault(parent, []).append(int(entry))
     tree, queue = [], [pid]
     while queue:
         current = queue.pop()
@@ -91,84 +91,63 @@ def process_tree(pid: int) -> list[int]:
 
 
 def cpu_seconds(pid: int) -> float:
-    """CPU time (user + system) of ``pid`` and its descendants, reaped children included."""
+    """User + system CPU of ``pid``'s tree, reaped children included."""
     ticks = 0
     for index, member in enumerate(process_tree(pid)):
         try:
             fields = _stat_fields(member)
         except OSError:
             continue
-        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+        ticks += int(fields[11]) + int(fields[12])
         if index == 0:
-            ticks += int(fields[13]) + int(fields[14])  # cutime, cstime: children that exited and were reaped
+            ticks += int(fields[13]) + int(fields[14])
     return ticks / CLOCK_TICKS
 
 
-def memory_kib(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM of one process, in KiB (zeros if it is gone)."""
-    fields = {"VmRSS": 0, "VmHWM": 0}
-    try:
-        text = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return fields
-    for line in text.splitlines():
-        name, _, value = line.partition(":")
-        if name in fields:
-            fields[name] = int(value.split()[0])
-    return fields
+def memory_kib(pid: int) -> list[tuple[int, int]]:
+    """(VmRSS, VmHWM) in KiB of each process of ``pid``'s tree."""
+    readings = []
+    for member in process_tree(pid):
+        fields = {"VmRSS": 0, "VmHWM": 0}
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{member}/status").read_text().splitlines():
+                name, _, value = line.partition(":")
+                if name in fields:
+                    fields[name] = int(value.split()[0])
+        readings.append((fields["VmRSS"], fields["VmHWM"]))
+    return readings
 
 
-def tree_memory_kib(pid: int) -> tuple[int, int, list[int]]:
-    """(summed VmRSS, summed VmHWM, VmRSS of each process) over ``pid``'s tree."""
-    readings = [memory_kib(member) for member in process_tree(pid)]
-    return sum(r["VmRSS"] for r in readings), sum(r["VmHWM"] for r in readings), [r["VmRSS"] for r in readings]
-
-
-def tree_pss_kib(pid: int) -> int | None:
-    """Proportional set size summed over ``pid``'s tree: pages shared after fork counted once (None if unreadable)."""
+def open_fds(pid: int) -> int:
+    """File descriptors open in ``pid``'s tree."""
     total = 0
     for member in process_tree(pid):
-        try:
-            text = Path(f"/proc/{member}/smaps_rollup").read_text()
-        except OSError:
-            return None
-        for line in text.splitlines():
-            if line.startswith("Pss:"):
-                total += int(line.split()[1])
+        with contextlib.suppress(OSError):
+            total += len(os.listdir(f"/proc/{member}/fd"))
     return total
-
-
-def reset_peak(pid: int) -> bool:
-    """Reset VmHWM to the current VmRSS for the tree (``clear_refs`` 5, Linux 4.0+); False if refused."""
-    done = True
-    for member in process_tree(pid):
-        try:
-            Path(f"/proc/{member}/clear_refs").write_text("5")
-        except OSError:
-            done = False
-    return done
 
 
 @dataclass
 class Usage:
-    """CPU and memory of a process tree over one measured phase."""
+    """CPU of a process tree over one measured phase, and its largest process's peak resident memory.
+
+    The peak is VmHWM after resetting it at the start (``clear_refs`` 5), so it belongs to this phase.
+    """
 
     pid: int
-    cpu_start: float = 0.0
     cpu: float = 0.0
-    rss_before_kib: int = 0
-    peak_kib: int = 0
-    peak_reset: bool = False
+    peak_mib: float = 0.0
 
     def start(self) -> Usage:
-        self.peak_reset = reset_peak(self.pid)
-        self.rss_before_kib = tree_memory_kib(self.pid)[0]
-        self.cpu_start = cpu_seconds(self.pid)
+        for member in process_tree(self.pid):
+            with contextlib.suppress(OSError):
+                Path(f"/proc/{member}/clear_refs").write_text("5")
+        self._cpu_start = cpu_seconds(self.pid)
         return self
 
     def stop(self) -> Usage:
-        self.cpu = cpu_seconds(self.pid) - self.cpu_start
-        self.peak_kib = max(tree_memory_kib(self.pid)[1], self.rss_before_kib)
+        self.cpu = cpu_seconds(self.pid) - self._cpu_start
+        self.peak_mib = max((max(rss, hwm) for rss, hwm in memory_kib(self.pid)), default=0) / 1024
         return self
 
 
@@ -190,48 +169,64 @@ def stop_process(process: subprocess.Popen, grace: float = 5.0) -> None:
             os.killpg(process.pid, signal.SIGKILL)  # leftovers of a group whose leader exited
 
 
-@dataclass
-class Upstream:
-    """Where each kind of request goes, and the processes serving them."""
-
-    fast_url: str  # small GET and 1 MiB POST
-    app_url: str  # 1 GiB stream, SSE
-    fast_kind: str  # "nginx 1.22.1" or "built-in"
-    post_url: str = ""  # where POSTs go (nginx only when it was verified to read bodies)
-    post_kind: str = ""
-    fast_pid: int = 0
-    post_pid: int = 0
-    app_pid: int = 0
-    processes: list[subprocess.Popen] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    def stop(self) -> None:
-        for process in self.processes:
-            stop_process(process)
+def spawn(command: list[str], port: int, **options: object) -> subprocess.Popen:
+    """Start ``command`` in its own session and wait until it listens on ``port``."""
+    process = subprocess.Popen(command, start_new_session=True, stdin=subprocess.DEVNULL, **options)  # type: ignore[call-overload]
+    try:
+        wait_port(port, process)
+    except RuntimeError:
+        stop_process(process)
+        raise
+    return process
 
 
-def start_builtin(fast: bool, app: bool) -> tuple[subprocess.Popen, int | None, int | None]:
-    fast_port, app_port = (free_port() if fast else None), (free_port() if app else None)
-    command = [sys.executable, str(BENCH / "upstream.py")]
-    if fast_port:
-        command += ["--fast-port", str(fast_port)]
-    if app_port:
-        command += ["--app-port", str(app_port)]
-    process = subprocess.Popen(command, env=ENV, start_new_session=True, stdin=subprocess.DEVNULL)
-    for port in (fast_port, app_port):
-        if port:
-            wait_port(port, process=process)
-    return process, fast_port, app_port
+def start_app_upstream() -> tuple[subprocess.Popen, str]:
+    """bench/upstream.py: server-sent events and a WebSocket echo."""
+    port = free_port()
+    process = spawn([sys.executable, str(BENCH / "upstream.py"), str(port)], port, env=ENV)
+    return process, f"http://127.0.0.1:{port}"
 
 
-NGINX_CONF = """\
+def self_signed_cert(directory: Path) -> tuple[Path, Path]:
+    """(certificate, key) for 127.0.0.1, made by openssl; the certificate is its own trust anchor."""
+    cert, key = directory / "upstream-cert.pem", directory / "upstream-key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "2",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    os.chmod(key, 0o644)  # nginx's workers may run as another user
+    return cert, key
+
+
+NGINX_COMMON = """\
 worker_processes 1;
 pid {dir}/nginx.pid;
 error_log {dir}/error.log warn;
-events {{ worker_connections 4096; }}
+events {{ worker_connections 8192; }}
+worker_rlimit_nofile 20000;
 http {{
     access_log off;
-    log_format bench '$request_length';
     client_body_temp_path {dir}/body;
     proxy_temp_path {dir}/proxy;
     fastcgi_temp_path {dir}/fastcgi;
@@ -239,52 +234,35 @@ http {{
     scgi_temp_path {dir}/scgi;
     keepalive_requests 1000000;
     keepalive_timeout 75s;
-    server {{
-        listen 127.0.0.1:{port} backlog=1024;
-        location = /get {{ default_type application/json; return 200 '{{"ok":true}}'; }}
-        # `return` answers before reading a body; mirror reads the whole body first (precontent
-        # phase), then the static handler refuses POST on the file and error_page turns that into
-        # a 200 with the file's JSON. So the answer comes only after the whole body was read.
-        location = /post {{
-            client_max_body_size 2m; client_body_buffer_size 2m;
-            root {dir}; mirror /sink; mirror_request_body on; error_page 405 =200 /received.json;
-        }}
-        location = /post-check {{
-            client_max_body_size 2m; client_body_buffer_size 2m;
-            root {dir}; mirror /sink; mirror_request_body on; error_page 405 =200 /checked.json;
-        }}
-        location = /sink {{ internal; return 204; }}
-        location = /received.json {{ internal; root {dir}; default_type application/json; }}
-        # the log line is written in the location that answers: the request length includes the body read
-        location = /checked.json {{
-            internal; root {dir}; default_type application/json; access_log {dir}/check.log bench;
-        }}
-    }}
+    {servers}
 }}
 """
 
+# The upstream: the same locations over plain HTTP and TLS. /post answers only after reading the
+# whole body (`return` would answer before reading it; mirror reads it in the precontent phase, then
+# the static handler refuses POST on the file and error_page turns that into a 200 with its JSON).
+NGINX_UPSTREAM = """
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        listen 127.0.0.1:{tls_port} ssl backlog=4096;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        sendfile on;
+        root {dir};
+        location = /get {{ default_type application/json; return 200 '{{"ok":true}}'; }}
+        location = /post {{
+            client_max_body_size 2m; client_body_buffer_size 2m;
+            mirror /sink; mirror_request_body on; error_page 405 =200 /received.json;
+        }}
+        location = /sink {{ internal; return 204; }}
+        location = /received.json {{ internal; default_type application/json; }}
+        location /files/ {{ default_type application/octet-stream; }}
+    }}
+"""
 
-def nginx_version() -> str | None:
-    if not shutil.which("nginx"):
-        return None
-    result = subprocess.run(["nginx", "-v"], capture_output=True, text=True, timeout=10)
-    return (result.stderr or result.stdout).strip().rpartition("/")[2] or "?"
-
-
-# nginx as a reverse proxy in front of the built-in upstream: a reference relay written in C for
-# the stream scenario (buffering on, in memory only: nginx's fastest setting on this path).
-NGINX_RELAY_CONF = """\
-worker_processes 1;
-pid {dir}/nginx.pid;
-error_log {dir}/error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-    access_log off;
-    proxy_temp_path {dir}/proxy;
-    client_body_temp_path {dir}/body;
-    fastcgi_temp_path {dir}/fastcgi;
-    uwsgi_temp_path {dir}/uwsgi;
-    scgi_temp_path {dir}/scgi;
+# nginx as a reverse proxy: a relay written in C on the stream's path, for reference (buffering on,
+# in memory only: its fastest setting here).
+NGINX_RELAY = """
     upstream app {{ server 127.0.0.1:{upstream_port}; keepalive 16; }}
     server {{
         listen 127.0.0.1:{port};
@@ -293,159 +271,133 @@ http {{
             proxy_buffering on; proxy_max_temp_file_size 0;
         }}
     }}
-}}
 """
 
 
-def start_nginx(
-    workdir: Path, template: str = NGINX_CONF, name: str = "nginx", **fields: int
-) -> tuple[subprocess.Popen, int]:
-    """nginx in the foreground, everything (pid, logs, temp paths) under ``workdir / name``."""
-    directory = workdir / name
-    directory.mkdir()
-    os.chmod(workdir, 0o755)  # workers run as an unprivileged user when started by root
-    os.chmod(directory, 0o755)
-    for name in ("post", "post-check", "received.json", "checked.json"):
-        (directory / name).write_text('{"received":true}')
-        os.chmod(directory / name, 0o644)
-    port = free_port()
+def nginx_version() -> str:
+    result = subprocess.run(["nginx", "-v"], capture_output=True, text=True, timeout=10)
+    return (result.stderr or result.stdout).strip().rpartition("/")[2] or "?"
+
+
+def start_nginx(directory: Path, servers: str, port: int, **fields: object) -> subprocess.Popen:
+    """nginx in the foreground, its pid, logs and temp paths under ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for path in (directory, *directory.parents[:1]):
+        os.chmod(path, 0o755)  # workers run as an unprivileged user when started by root
     conf = directory / "nginx.conf"
-    conf.write_text(template.format(dir=directory, port=port, **fields))
-    process = subprocess.Popen(
-        ["nginx", "-e", str(directory / "error.log"), "-p", str(directory), "-c", str(conf), "-g", "daemon off;"],
-        start_new_session=True,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    conf.write_text(NGINX_COMMON.format(dir=directory, servers=servers.format(dir=directory, port=port, **fields)))
+    command = ["nginx", "-e", str(directory / "error.log"), "-p", str(directory), "-c", str(conf)]
     try:
-        wait_port(port, process=process)
+        return spawn([*command, "-g", "daemon off;"], port, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     except RuntimeError:
-        stop_process(process)
         log = directory / "error.log"
         raise RuntimeError(log.read_text()[-500:] if log.exists() else "nginx did not start") from None
-    return process, port
 
 
-async def _post_and_read(port: int, path: str, body: bytes) -> tuple[int, float, float]:
-    """(status, seconds until the last body byte was written, seconds until the answer)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    started = time.perf_counter()
-    writer.write(
-        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(body)}\r\n"
-        "Content-Type: application/octet-stream\r\nConnection: close\r\n\r\n".encode()
-    )
-    writer.write(body)
-    await writer.drain()
-    sent = time.perf_counter() - started
-    head = await reader.readuntil(b"\r\n\r\n")
-    answered = time.perf_counter() - started
-    writer.close()
-    return int(head.split()[1]), sent, answered
+@dataclass
+class Upstream:
+    """nginx (small GET and 1 MiB POST over HTTP and TLS, static files to stream) and the built-in app."""
+
+    nginx: subprocess.Popen
+    url: str
+    tls_url: str
+    cert: Path
+    app: subprocess.Popen
+    app_url: str
+    files: Path
+
+    def file(self, size: int) -> str:
+        """The path of a static file of ``size`` bytes, made on first use."""
+        path = self.files / f"{size}.bin"
+        if not path.exists():
+            block = b"\xab" * (1 << 20)
+            with path.open("wb") as out:
+                for offset in range(0, size, len(block)):
+                    out.write(block[: size - offset])
+            os.chmod(path, 0o644)
+        return f"/files/{path.name}"
+
+    def stop(self) -> None:
+        stop_process(self.nginx)
+        stop_process(self.app)
 
 
-def nginx_reads_post_bodies(workdir: Path, port: int, size: int = 1 << 20) -> bool:
-    """True when nginx logged the whole body as read for a POST to the twin of /post."""
-    status, _, _ = asyncio.run(asyncio.wait_for(_post_and_read(port, "/post-check", b"x" * size), 10))
-    log = workdir / "nginx" / "check.log"
-    deadline = time.monotonic() + 2
-    while time.monotonic() < deadline:
-        lines = log.read_text().split() if log.exists() else []
-        if lines:
-            return status == 200 and int(lines[-1]) >= size
-        time.sleep(0.02)
-    return False
-
-
-def start_upstreams(workdir: Path, use_nginx: bool = True) -> Upstream:
-    """nginx (when installed and allowed) for GET and POST, the built-in upstream for the rest."""
-    version = nginx_version() if use_nginx else None
-    nginx_port = None
-    upstream_processes = []
-    notes = []
-    if version:
-        try:
-            process, nginx_port = start_nginx(workdir)
-            upstream_processes.append(process)
-        except (RuntimeError, OSError) as error:
-            notes.append(f"nginx did not start ({error}); using the built-in upstream")
-            version = None
-    post_via_nginx = bool(nginx_port) and nginx_reads_post_bodies(workdir, nginx_port)
-    if nginx_port and not post_via_nginx:
-        notes.append("nginx did not show reading whole POST bodies; POSTs go to the built-in upstream")
-    builtin, fast_port, app_port = start_builtin(fast=not (nginx_port and post_via_nginx), app=True)
-    upstream_processes.append(builtin)
-    nginx_url = f"http://127.0.0.1:{nginx_port}" if nginx_port else ""
-    fast_url = f"http://127.0.0.1:{fast_port}" if fast_port else ""
+def start_upstream(workdir: Path) -> Upstream:
+    directory = workdir / "nginx"
+    (directory / "files").mkdir(parents=True)
+    (directory / "received.json").write_text('{"received":true}')
+    for name in ("post", "received.json"):
+        (directory / name).touch()
+        os.chmod(directory / name, 0o644)
+    os.chmod(directory / "files", 0o755)
+    cert, key = self_signed_cert(workdir)
+    port, tls_port = free_port(), free_port()
+    nginx = start_nginx(directory, NGINX_UPSTREAM, port, tls_port=tls_port, cert=cert, key=key)
+    app, app_url = start_app_upstream()
     return Upstream(
-        fast_url=nginx_url or fast_url,
-        app_url=f"http://127.0.0.1:{app_port}",
-        fast_kind=f"nginx {version}" if nginx_port else "built-in (asyncio protocol)",
-        post_url=nginx_url if post_via_nginx else fast_url,
-        post_kind=f"nginx {version}" if post_via_nginx else "built-in (asyncio protocol)",
-        fast_pid=upstream_processes[0].pid if nginx_port else builtin.pid,
-        post_pid=upstream_processes[0].pid if post_via_nginx else builtin.pid,
-        app_pid=builtin.pid,
-        processes=upstream_processes,
-        notes=notes,
+        nginx, f"http://127.0.0.1:{port}", f"https://127.0.0.1:{tls_port}", cert, app, app_url, directory / "files"
     )
 
 
-# ---------------------------------------------------------------- the proxy
+def start_relay(workdir: Path, upstream_url: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    upstream_port = int(upstream_url.rsplit(":", 1)[1])
+    process = start_nginx(workdir / f"relay-{port}", NGINX_RELAY, port, upstream_port=upstream_port)
+    return process, f"http://127.0.0.1:{port}"
 
 
-def proxy_version() -> str:
-    """The commit the proxy's code comes from, and whether proxy/ differs from it (read-only git)."""
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-        changed = subprocess.run(
-            ["git", "status", "--porcelain", "--", "proxy"], cwd=ROOT, capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    if not commit:
-        return "unknown"
-    return f"commit {commit}" + (", with uncommitted changes in proxy/" if changed else "")
+# ---------------------------------------------------------------- proxies
 
 
-def proxy_supports_workers() -> bool:
-    """Whether this proxy knows a ``workers`` setting (its run --help or its config module mention it)."""
-    try:
-        result = subprocess.run(
-            [sys.executable, "-m", "proxy", "run", "--help"],
-            cwd=ROOT,
-            env=ENV,
+@dataclass(frozen=True)
+class Checkout:
+    """A source tree of the proxy: this one, or the one ``--baseline`` names."""
+
+    label: str  # "proxy" or "baseline"
+    root: Path
+
+    def version(self) -> str:
+        """Its commit, and whether its proxy/ differs from it; fails unless its proxy/ is what runs."""
+        imported = subprocess.run(
+            [sys.executable, "-c", "import proxy; print(proxy.__file__)"],
+            cwd=self.root,
+            env=self.env(None),
             capture_output=True,
             text=True,
-            timeout=30,
-        )
-        if "workers" in result.stdout:
-            return True
-    except (OSError, subprocess.TimeoutExpired):
-        pass
-    config = ROOT / "proxy" / "config.py"
-    return config.exists() and "workers" in config.read_text()
+            timeout=60,
+        ).stdout.strip()
+        if Path(imported).parent != self.root / "proxy":
+            raise RuntimeError(f"python -m proxy in {self.root} imports {imported or 'nothing'}, not {self.root}/proxy")
+        git = ["git", "-C", str(self.root)]
+        commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        changed = subprocess.run([*git, "status", "--porcelain", "--", "proxy"], capture_output=True, text=True).stdout
+        return (commit or "unknown") + (" + uncommitted changes" if changed.strip() else "")
+
+    def env(self, cert: Path | None) -> dict[str, str]:
+        # `python -m proxy` with this cwd imports this tree's proxy/ (cwd comes first on sys.path);
+        # PYTHONPATH says the same to anything it spawns. The TLS upstream's certificate is trusted
+        # through OpenSSL's default verify paths, which SSL_CERT_FILE replaces.
+        env = {**ENV, "PYTHONPATH": str(self.root)}
+        if cert is not None:
+            env["SSL_CERT_FILE"] = str(cert)
+        return env
 
 
-def proxy_config(port: int, upstream_url: str, log_level: str = "warning", workers: int | None = None) -> str:
+def proxy_config(port: int, upstream_url: str, log_level: str, workers: int | None) -> str:
     text = (
         f"listen: 127.0.0.1:{port}\nlog_level: {log_level}\nshutdown_grace: 2s\n"
         "credentials:\n  bench: {type: static, access_key_id: AKIDBENCHMARK0000000, secret_access_key: bench-secret}\n"
         f"routes:\n  - {{path_prefix: /, upstream: '{upstream_url}', region: us-east-1, credentials: bench}}\n"
     )
-    if workers is not None:
-        text += f"workers: {workers}\n"
-    return text
+    return text + (f"workers: {workers}\n" if workers else "")
 
 
 @dataclass
 class Proxy:
     process: subprocess.Popen
     port: int
-    config: Path
     stderr_path: Path | None
+    started_s: float = 0.0  # spawn to the first 200 through it
 
     @property
     def pid(self) -> int:
@@ -455,40 +407,8 @@ class Proxy:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def stderr_tail(self) -> str:
-        if self.stderr_path is None or not self.stderr_path.exists():
-            return ""
-        return self.stderr_path.read_text(errors="replace")[-2000:]
-
     def stop(self) -> None:
         stop_process(self.process)
-
-
-def spawn_proxy(
-    workdir: Path, upstream_url: str, log_level: str = "warning", workers: int | None = None
-) -> tuple[Proxy, float]:
-    """Start ``python -m proxy run --config FILE``; returns it and the monotonic time of the spawn.
-
-    With ``log_level: info`` its stderr (the access log) goes to /dev/null, else to a file shown on failure.
-    """
-    port = free_port()
-    config = Path(tempfile.mkstemp(prefix="proxy-", suffix=".yaml", dir=workdir)[1])
-    config.write_text(proxy_config(port, upstream_url, log_level, workers))
-    stderr_path = None if log_level in ("info", "debug") else config.with_suffix(".stderr")
-    stderr = open(stderr_path, "wb") if stderr_path else subprocess.DEVNULL  # noqa: SIM115 - the child holds it
-    spawned = time.monotonic()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "proxy", "run", "--config", str(config)],
-        cwd=ROOT,
-        env=ENV,
-        start_new_session=True,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=stderr,
-    )
-    if stderr_path:
-        stderr.close()
-    return Proxy(process, port, config, stderr_path), spawned
 
 
 async def first_ok(port: int, path: str, deadline: float) -> float:
@@ -503,7 +423,7 @@ async def first_ok(port: int, path: str, deadline: float) -> float:
         try:
             writer.write(request)
             status_line = await asyncio.wait_for(reader.readline(), max(0.1, deadline - time.monotonic()))
-            await reader.read()  # to the end: the answer is complete
+            await reader.read()
         except (OSError, asyncio.IncompleteReadError, TimeoutError):
             status_line = b""
         finally:
@@ -515,39 +435,47 @@ async def first_ok(port: int, path: str, deadline: float) -> float:
 
 
 def start_proxy(
-    workdir: Path, upstream_url: str, log_level: str = "warning", workers: int | None = None, timeout: float = 20
-) -> tuple[Proxy, float]:
-    """Start the proxy and wait for its first 200; returns it and seconds from spawn to that 200."""
-    proxy, spawned = spawn_proxy(workdir, upstream_url, log_level, workers)
+    workdir: Path,
+    checkout: Checkout,
+    upstream: Upstream,
+    upstream_url: str,
+    *,
+    log_level: str = "warning",
+    workers: int | None = None,
+    ready_path: str = "/get",
+) -> Proxy:
+    """``python -m proxy run --config FILE`` from ``checkout``, once it answered ``ready_path`` with 200.
+
+    With ``log_level: info`` its stderr (the access log) goes to /dev/null, else to a file shown on failure.
+    """
+    port = free_port()
+    config = workdir / f"{checkout.label}-{port}.yaml"
+    config.write_text(proxy_config(port, upstream_url, log_level, workers))
+    stderr_path = None if log_level in ("info", "debug") else config.with_suffix(".stderr")
+    stderr = stderr_path.open("wb") if stderr_path else subprocess.DEVNULL
+    spawned = time.monotonic()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "run", "--config", str(config)],
+        cwd=checkout.root,
+        env=checkout.env(upstream.cert),
+        start_new_session=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=stderr,
+    )
+    if stderr_path:
+        stderr.close()
+    proxy = Proxy(process, port, stderr_path)
     try:
-        ready = asyncio.run(first_ok(proxy.port, "/get", spawned + timeout))
+        proxy.started_s = asyncio.run(first_ok(port, ready_path, spawned + 30)) - spawned
     except RuntimeError:
-        tail = proxy.stderr_tail()
         proxy.stop()
-        raise RuntimeError(f"the proxy did not answer 200 within {timeout:g}s\n{tail}") from None
-    return proxy, ready - spawned
+        tail = stderr_path.read_text(errors="replace")[-2000:] if stderr_path else ""
+        raise RuntimeError(f"the {checkout.label} proxy did not answer 200 within 30 s\n{tail}") from None
+    return proxy
 
 
-DOWNLOAD_CHUNK = 256 * 1024
-
-
-async def download(url: str) -> tuple[float, float, int]:
-    """(time to first byte, total seconds, bytes) for one GET, reading with a raw socket."""
-    host, _, rest = url.split("://", 1)[1].partition("/")
-    hostname, _, port = host.partition(":")
-    started = time.perf_counter()
-    reader, writer = await asyncio.open_connection(hostname, int(port))
-    writer.write(f"GET /{rest} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
-    head = await reader.readuntil(b"\r\n\r\n")
-    length = int(next(h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")).split(b":")[1])
-    first = await reader.read(DOWNLOAD_CHUNK)
-    ttfb = time.perf_counter() - started
-    received = len(first)
-    while received < length:
-        chunk = await reader.read(1 << 20)
-        if not chunk:
-            break
-        received += len(chunk)
-    total = time.perf_counter() - started
-    writer.close()
-    return ttfb, total, received
+def require_tools() -> None:
+    missing = [tool for tool in ("wrk", "nginx", "openssl") if not shutil.which(tool)]
+    if missing:
+        sys.exit(f"bench needs {', '.join(missing)}: apt-get install -y wrk nginx-light openssl")

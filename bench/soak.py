@@ -31,7 +31,6 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,7 +40,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import ENV, ROOT, free_port, stop_process
+
 ACCOUNT = "123456789012"  # moto's default account
 ROLE_ARN = f"arn:aws:iam::{ACCOUNT}:role/soak"
 REGION = "eu-west-1"
@@ -50,16 +52,8 @@ MIX = {"get": 0.6, "upload": 0.15, "stream": 0.15, "websocket": 0.10}
 STREAM_CHUNKS, STREAM_CHUNK = 20, 16 * 1024
 WS_MESSAGES = 20
 SETTLE = 1.0  # seconds of quiet before each measurement
-ENV = {**os.environ, "AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": os.devnull,
-       "AWS_SHARED_CREDENTIALS_FILE": os.devnull, "PYTHONUNBUFFERED": "1"}  # fmt: skip
-for name in ("AWS_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
-    ENV.pop(name, None)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+ENV = {key: value for key, value in ENV.items() if not key.startswith("AWS_")}
+ENV |= {"AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
 
 
 # ---------------------------------------------------------------- the upstream process
@@ -74,7 +68,7 @@ def upstream_main(sts_port: int, role_lifetime: int) -> None:
     from moto.sts.models import STSBackend, sts_backends
 
     sys.path.insert(0, str(ROOT))
-    from tests.sigv4_upstream import Received, SigV4Upstream
+    from tests.support.sigv4_upstream import Received, SigV4Upstream
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     assume_role = STSBackend.assume_role
@@ -150,15 +144,8 @@ class Child:
     process: subprocess.Popen[bytes]
     log: Path
 
-    def stop(self, grace: float = 15.0) -> int:
-        """SIGTERM, then SIGKILL to this child's own process group after ``grace`` seconds."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(grace)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(5)
+    def stop(self) -> int:
+        stop_process(self.process, grace=15.0)
         return int(self.process.returncode)
 
 
@@ -207,11 +194,7 @@ def proxy_config(path: Path, listen: int, admin: int, upstream_port: int, sts_po
             {"upstream": f"http://127.0.0.1:{upstream_port}", "region": REGION, "credentials": "role", "timeout": "10s"}
         ],
     }
-    sys.path.insert(0, str(ROOT))
-    from proxy.config import Config
-
-    if "workers" in Config.model_fields:
-        config["workers"] = 1  # one process: /proc/<pid> is the proxy
+    config["workers"] = 1  # one process: /proc/<pid> is the proxy
     path.write_text(json.dumps(config, indent=2))  # JSON is YAML
 
 
@@ -323,30 +306,10 @@ class Driver:
             await asyncio.wait(tasks, timeout=60)
 
 
-async def websocket_works(proxy_url: str) -> bool:
-    """Whether the proxy relays a WebSocket at all (proxy/websocket.py may not be there)."""
-    import aiohttp
-
-    try:
-        async with (
-            aiohttp.ClientSession() as session,
-            session.ws_connect(proxy_url.replace("http", "ws", 1) + "/ws") as ws,
-        ):
-            await ws.send_str("ping")
-            reply = await ws.receive(timeout=5)
-            return reply.type == aiohttp.WSMsgType.TEXT and reply.data == "ping"
-    except (aiohttp.ClientError, TimeoutError):
-        return False
-
-
 async def drive(args: argparse.Namespace, proxy: Child, proxy_url: str, admin_url: str) -> list[Minute]:
     import aiohttp
 
     kinds = list(KINDS)
-    if not await websocket_works(proxy_url):
-        # TODO: include WebSockets once proxy/websocket.py relays them; the soak runs without them until then.
-        kinds.remove("websocket")
-        print("WebSocket relay not working: this soak runs without WebSockets", flush=True)
     driver = Driver(proxy_url, args.seed)
     minutes: list[Minute] = []
     connector = aiohttp.TCPConnector(limit=args.concurrency * 2)
