@@ -1,0 +1,33 @@
+"""bench/ still runs against this checkout: one short shape, with this checkout as its own --baseline.
+
+The benchmark is not run by the tests for its figures (timing on a shared machine proves nothing);
+this only keeps its plumbing (nginx with an openssl certificate, wrk, proxies of two checkouts, the
+report) from rotting while proxy/ changes under it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.skipif(not all(map(shutil.which, ("wrk", "nginx", "openssl"))), reason="wrk, nginx and openssl needed")
+def test_bench_runs_a_tls_shape_against_a_baseline() -> None:
+    command = [sys.executable, "bench/run.py", "--shapes", "tls", "--duration", "1", "--slices", "1"]
+    result = subprocess.run(
+        [*command, "--baseline", str(ROOT), "--json"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    markdown, _, document = result.stdout.partition("\n{")
+    shape = json.loads("{" + document)["shapes"][0]
+    assert set(shape["rows"]) == {"direct", "proxy", "baseline"}
+    for row in shape["rows"].values():
+        assert row["errors"] == 0 and row["rps"] > 0  # the proxies trusted the upstream's certificate
+    assert "| small GET, TLS upstream | req/s |" in markdown
