@@ -109,6 +109,16 @@ def interleaved(names: list[str], rounds: int) -> Iterator[str]:
         yield from names if round_number % 2 == 0 else reversed(names)
 
 
+def steady_fds(pid: int, timeout: float = 10) -> int:
+    """Open descriptors of ``pid``'s tree once the count held still for a second (or ``timeout`` ran out)."""
+    deadline = time.monotonic() + timeout
+    readings = [open_fds(pid)]
+    while (len(readings) < 5 or len(set(readings[-5:])) > 1) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        readings.append(open_fds(pid))
+    return readings[-1]
+
+
 def fds_back(pids: dict[str, int], idle: dict[str, int], timeout: float) -> dict[str, str]:
     """Wait until each ``name: pid`` holds no more descriptors than ``idle[name]``; say when, or what is left."""
     started = time.monotonic()
@@ -129,12 +139,17 @@ def measure_rates(bench: Bench, targets: dict[str, tuple[str, int]], connections
     """wrk at each ``name: (url, pid)`` in interleaved slices; req/s, latency, CPU, memory, errors.
 
     p50/p99 are the request-weighted means of the slices' percentiles. With more than a hundred
-    connections, each proxy's descriptors are counted before any load and again after the last slice,
+    connections, each proxy's descriptors are counted after a light load (8 connections: files opened
+    on first use are open, at most a few upstream connections pooled) and again after the last slice,
     until back to that count: pooled upstream connections close after ``IDLE_KEEP`` (30 s) unused.
     (The upstream's count would include the proxies' pooled connections to it: it is not shown.)
     """
     many = connections > 100
-    idle_fds = {name: open_fds(pid) for name, (_, pid) in targets.items() if many and name != "direct"}
+    idle_fds = {}
+    for name, (url, pid) in targets.items():
+        if many and name != "direct":
+            wrk(url, 1, 8, 2)
+            idle_fds[name] = steady_fds(pid)
     args = bench.args
     script = post_script(bench.workdir, body_size) if body_size else None
     seconds = max(1, round(args.duration / args.slices))
@@ -524,7 +539,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--shapes", default=",".join(DEFAULT_SHAPES), help=f"comma-separated, of {','.join(SHAPES)}")
     parser.add_argument("--baseline", type=Path, help="another checkout whose proxy runs side by side with this one")
     parser.add_argument("--duration", type=float, default=8, help="seconds of load per target and shape (default 8)")
-    parser.add_argument("--slices", type=int, default=2, help="interleaved slices the duration is cut into")
+    parser.add_argument("--slices", type=int, default=4, help="interleaved slices the duration is cut into (4)")
     parser.add_argument("--connections", type=int, default=32, help="wrk connections (default 32)")
     parser.add_argument("--threads", type=int, default=2, help="wrk threads (default 2)")
     parser.add_argument("--many", type=int, default=1000, help="connections of the conns shape (default 1000)")
