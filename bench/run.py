@@ -229,12 +229,8 @@ def rate_shape(
     if connections > 100:
         shape.summary += f", descriptors {proxy['fds']}"
     if access_log:
-        shape.notes.append(f"access log on / off: {rows_ratio(shape, 'proxy, access log on', 'proxy'):.2f} of req/s")
+        shape.notes.append(f"access log on / off: {cell(shape.ratio('proxy, access log on', 'proxy'), '.2f')} of req/s")
     return shape
-
-
-def rows_ratio(shape: Shape, target: str, to: str) -> float:
-    return shape.ratio(target, to) or math.nan
 
 
 # ---------------------------------------------------------------- the shapes
@@ -312,7 +308,8 @@ def shape_stream(bench: Bench) -> Shape:
         }
     proxy = shape.rows["proxy"]
     added = proxy["ttfb_ms"] - shape.rows["direct"]["ttfb_ms"]
-    shape.summary = f"peak {proxy['peak_mib']:.0f} MiB, first byte +{added:.2f} ms, {rows_ratio(shape, 'proxy', 'nginx as a relay'):.2f}x nginx's relay"  # noqa: E501
+    over_relay = cell(shape.ratio("proxy", "nginx as a relay"), ".2f")
+    shape.summary = f"peak {proxy['peak_mib']:.0f} MiB, first byte +{added:.2f} ms, {over_relay}x nginx's relay"
     return shape
 
 
@@ -353,7 +350,7 @@ def shape_sse(bench: Bench) -> Shape:
 
 
 def shape_startup(bench: Bench) -> Shape:
-    """Spawn to the first 200 through the proxy, and its idle resident memory (no direct: a ratio of 1)."""
+    """Spawn to the first 200 through the proxy, and its idle resident memory (no direct target here)."""
     runs: dict[str, list[tuple[float, float, float]]] = {checkout.label: [] for checkout in bench.checkouts}
     for _ in range(bench.args.startup_runs):
         for checkout in bench.checkouts:
