@@ -7,11 +7,11 @@
 One proxy worker (``workers: 1``: the process that serves is the one sampled) in front of nginx,
 under ``wrk -t2 -c32`` small signed GETs for the whole recording. py-spy samples it twice in a row:
 once into collapsed stacks (``--format raw``, by function) for the table, once into the SVG. The
-table gives each function's self time as a share of the samples, and that share of the worker's
-CPU per request (its user+system time over wrk's requests, measured while sampled: py-spy pauses the
-process per sample, so the absolute figure is a little high). Time in uvloop's C code (the system
-calls that read and write sockets, the event loop) shows as the self time of the Python frame that
-runs the loop (``run_until_complete`` / ``run``), as py-spy sees no Python frame inside it.
+table lists the functions with the most self time: their share of the samples, that share of the
+worker's CPU per request (its user+system time over wrk's requests while sampled; py-spy pauses the
+process per sample, so it is a little high), and their share with callees. Time in uvloop's C code
+(the system calls that read and write sockets, the event loop) shows as the self time of the Python
+frame that called into it (``Runner.run`` for the loop itself): py-spy sees no Python frame inside.
 """
 
 from __future__ import annotations
@@ -31,15 +31,20 @@ from harness import BENCH, ROOT, Checkout, cpu_seconds, progress, require_tools,
 from load import parse_wrk, wrk
 
 
-def self_time(collapsed: str) -> tuple[Counter[str], int]:
-    """Samples per innermost function, and all samples, from py-spy's raw (collapsed stack) output."""
-    leaves: Counter[str] = Counter()
+def costs(collapsed: str) -> tuple[Counter[str], Counter[str], int]:
+    """(self samples, total samples) per function, and all samples, from py-spy's raw collapsed stacks.
+
+    Self: the function was the innermost frame; total: it was anywhere on the stack (counted once).
+    """
+    own: Counter[str] = Counter()
+    total: Counter[str] = Counter()
     for line in collapsed.splitlines():
         stack, _, count = line.rpartition(" ")
         if stack:
-            leaf = stack.rsplit(";", 1)[-1]
-            leaves[re.sub(r":\d+\)$", ")", leaf)] += int(count)  # the function, not the line
-    return leaves, sum(leaves.values())
+            functions = [re.sub(r":\d+\)$", ")", frame) for frame in stack.split(";")]  # the function, not the line
+            own[functions[-1]] += int(count)
+            total.update(dict.fromkeys(functions, int(count)))
+    return own, total, sum(own.values())
 
 
 def record(pid: int, seconds: int, rate: int, form: str, output: Path) -> None:
@@ -101,16 +106,17 @@ def main(argv: list[str] | None = None) -> int:
                 proxy.stop()
         finally:
             upstream.stop()
-        leaves, total = self_time((workdir / "raw.txt").read_text())
+        own, total, samples = costs((workdir / "raw.txt").read_text())
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print(
         f"{result.requests / result.seconds:,.0f} req/s while sampled, {cpu_us:.0f} µs of CPU per request; "
-        f"{total} samples; flame graph: {args.output}\n"
+        f"{samples} samples; flame graph: {args.output}\n"
     )
-    print("| function (self time) | share | µs per request |\n| --- | ---: | ---: |")
-    for function, samples in leaves.most_common(args.top):
-        print(f"| `{function}` | {samples / total:.1%} | {samples / total * cpu_us:.1f} |")
+    print("| function | self | µs per request | with callees |\n| --- | ---: | ---: | ---: |")
+    for function, count in own.most_common(args.top):
+        share = count / samples
+        print(f"| `{function}` | {share:.1%} | {share * cpu_us:.1f} | {total[function] / samples:.1%} |")
     return 0
 
 
