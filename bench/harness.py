@@ -190,32 +190,9 @@ def start_app_upstream() -> tuple[subprocess.Popen, str]:
 def self_signed_cert(directory: Path) -> tuple[Path, Path]:
     """(certificate, key) for 127.0.0.1, made by openssl; the certificate is its own trust anchor."""
     cert, key = directory / "upstream-cert.pem", directory / "upstream-key.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-            "-days",
-            "2",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-        ],
-        check=True,
-        capture_output=True,
-        timeout=30,
-    )
-    os.chmod(key, 0o644)  # nginx's workers may run as another user
+    command = "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 -subj /CN=127.0.0.1"
+    arguments = ["-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)]
+    subprocess.run([*command.split(), *arguments], check=True, capture_output=True, timeout=30)
     return cert, key
 
 

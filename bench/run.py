@@ -72,9 +72,12 @@ class Shape:
     rows: dict[str, dict[str, Any]] = field(default_factory=dict)  # target -> figures
     notes: list[str] = field(default_factory=list)
     summary: str = ""  # the proxy's other figures, in a few words, for the summary table
+    cpu: str = ""  # the key of its CPU cost per unit of work, if it has one (steadier than rates on a busy machine)
 
-    def ratio(self, target: str, to: str = "direct") -> float | None:
-        value, reference = self.rows.get(target, {}).get(self.main), self.rows.get(to, {}).get(self.main)
+    def ratio(self, target: str, to: str = "direct", key: str = "") -> float | None:
+        """``target``'s figure over ``to``'s: the main figure unless ``key`` names another."""
+        key = key or self.main
+        value, reference = self.rows.get(target, {}).get(key), self.rows.get(to, {}).get(key)
         if value is None or not reference or math.isnan(value) or math.isnan(reference):
             return None
         return value / reference
@@ -203,7 +206,7 @@ def rate_shape(
 ) -> Shape:
     """Direct, then each checkout's proxy (and this one's with its access log on, if asked), interleaved."""
     connections = connections or bench.args.connections
-    shape = Shape(title, "rps", "req/s", RATE_COLUMNS)
+    shape = Shape(title, "rps", "req/s", RATE_COLUMNS, cpu="cpu_us")
     direct_pid = bench.upstream.nginx.pid
     with ExitStack() as stack:
         proxies = stack.enter_context(bench.proxies(upstream_url))
@@ -277,6 +280,7 @@ def shape_stream(bench: Bench) -> Shape:
             ("peak_mib", "peak MiB", ".1f"),
             ("ttfb_ms", "first byte ms (1 MiB)", ".2f"),
         ],
+        cpu="cpu_s_gib",
     )
     with bench.proxies(upstream.url) as proxies:
         relay, relay_url = start_relay(bench.workdir, upstream.url)
@@ -329,6 +333,7 @@ def shape_sse(bench: Bench) -> Shape:
             ("cpu_us", "CPU µs/event", ".0f"),
             ("peak_mib", "peak MiB", ".1f"),
         ],
+        cpu="cpu_us",
     )
     with bench.proxies(app_url) as proxies:
         targets = {"direct": (app_url, bench.upstream.app.pid)}
@@ -479,13 +484,15 @@ def shape_table(shape: Shape, versions: dict[str, str]) -> str:
         lines.append(f"| {target_label(name, versions)} | " + " | ".join(cells) + " |")
     if "baseline" in shape.rows:
         lines += ["", f"proxy / baseline: {cell(shape.ratio('proxy', 'baseline'), '.2f')} ({shape.unit})"]
+        if shape.cpu:
+            lines[-1] += f", CPU {cell(shape.ratio('proxy', 'baseline', shape.cpu), '.2f')}"
     return "\n".join([*lines, "", *shape.notes])
 
 
 def summary_table(shapes: list[Shape]) -> str:
     baseline = any("baseline" in shape.rows for shape in shapes)
     headings = ["shape", "figure", "direct", "proxy", "proxy / direct"]
-    headings += ["baseline", "proxy / baseline"] if baseline else []
+    headings += ["baseline", "proxy / baseline", "CPU proxy / baseline"] if baseline else []
     lines = [
         "| " + " | ".join([*headings, "also"]) + " |",
         "| --- | --- |" + " ---: |" * (len(headings) - 2) + " --- |",
@@ -503,6 +510,7 @@ def summary_table(shapes: list[Shape]) -> str:
             cells += [
                 cell(shape.rows.get("baseline", {}).get(shape.main), spec),
                 cell(shape.ratio("proxy", "baseline"), ".2f"),
+                cell(shape.ratio("proxy", "baseline", shape.cpu) if shape.cpu else None, ".2f"),
             ]
         lines.append("| " + " | ".join([*cells, shape.summary]) + " |")
     return "\n".join(lines)
