@@ -42,7 +42,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import ENV, ROOT, free_port, stop_process
+from harness import ENV, ROOT, free_port, memory_kib, open_fds, stop_process
 
 ACCOUNT = "123456789012"  # moto's default account
 ROLE_ARN = f"arn:aws:iam::{ACCOUNT}:role/soak"
@@ -201,16 +201,6 @@ def proxy_config(path: Path, listen: int, admin: int, upstream_port: int, sts_po
 # ---------------------------------------------------------------- measuring
 
 
-def proc_status(pid: int) -> dict[str, int]:
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        name, _, value = line.partition(":")
-        if name in ("VmRSS", "VmHWM", "Threads"):
-            fields[name] = int(value.split()[0])
-    fields["fds"] = len(os.listdir(f"/proc/{pid}/fd"))
-    return fields
-
-
 async def scrape(session: Any, admin_url: str) -> dict[str, float]:
     """The counters the soak reports, from the proxy's /metrics."""
     async with session.get(admin_url + "/metrics") as response:
@@ -233,7 +223,6 @@ class Minute:
     errors: Counter[str] = field(default_factory=Counter)
     rss_kib: int = 0
     fds: int = 0
-    threads: int = 0
     refreshes: float = 0.0
     refresh_failures: float = 0.0
 
@@ -318,10 +307,9 @@ async def drive(args: argparse.Namespace, proxy: Child, proxy_url: str, admin_ur
             driver.current = Minute(index)
             await driver.run_minute(session, 60.0 - SETTLE, args.rate, args.concurrency, kinds)
             await asyncio.sleep(SETTLE)  # traffic drained: measure a quiet proxy
-            status = proc_status(proxy.process.pid)
             metrics = await scrape(session, admin_url)
             minute = driver.current
-            minute.rss_kib, minute.fds, minute.threads = status["VmRSS"], status["fds"], status["Threads"]
+            minute.rss_kib, minute.fds = memory_kib(proxy.process.pid)[0][0], open_fds(proxy.process.pid)
             minute.refreshes = metrics.get("refresh_success", 0.0)
             minute.refresh_failures = metrics.get("refresh_failure", 0.0)
             minutes.append(minute)
@@ -335,7 +323,7 @@ async def drive(args: argparse.Namespace, proxy: Child, proxy_url: str, admin_ur
 
 
 HEADER = (
-    f"{'min':>3} {'rss MiB':>8} {'fds':>5} {'thr':>4} {'ops':>6} "
+    f"{'min':>3} {'rss MiB':>8} {'fds':>5} {'ops':>6} "
     + " ".join(f"{k:>9}" for k in KINDS)
     + f" {'errors':>6} {'refresh':>7} {'ref.err':>7}"
 )
@@ -346,7 +334,7 @@ def row(minute: Minute, minutes: list[Minute]) -> str:
     refreshed = minute.refreshes - (previous.refreshes if previous else 0)
     failed = minute.refresh_failures - (previous.refresh_failures if previous else 0)
     return (
-        f"{minute.index:>3} {minute.rss_kib / 1024:>8.1f} {minute.fds:>5} {minute.threads:>4} "
+        f"{minute.index:>3} {minute.rss_kib / 1024:>8.1f} {minute.fds:>5} "
         f"{sum(minute.ops.values()):>6} "
         + " ".join(f"{minute.ops[k]:>9}" for k in KINDS)
         + f" {sum(minute.errors.values()):>6} {refreshed:>7.0f} {failed:>7.0f}"
