@@ -149,6 +149,8 @@ def cmd_check(args: argparse.Namespace) -> int:
             f"  route {route.path_prefix} -> {route.upstream} [{route.auth}, {route.service}, "
             f"{route.resolved_region or '-'}] credentials: {route.credentials if route.auth != 'none' else '-'}"
         )
+        if route.auth == "sigv4":
+            print(f"    region {route.resolved_region} from {route.region_source}")
 
     async def probe(name: str) -> str:
         provider = providers[name]

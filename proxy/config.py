@@ -25,11 +25,14 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
 )
 
+from . import awsenv
+from .http.egress import Egress, ProxyEnvironment, ProxyURL, tls_context
 from .signing import normalize_path
 
 
@@ -260,6 +263,14 @@ class Route(_Frozen):
     first_byte_timeout: Duration | None = None
     idle_timeout: Duration | None = None
     websocket_signing: Literal["headers", "query"] = "headers"
+    # How connections leave (see docs/networks.md); defaults follow the AWS CLI's environment.
+    egress_proxy: str | None = Field(default=None, repr=False)  # http://[user:pass@]host:port, or "none"
+    ca_bundle: str | None = None  # default: AWS_CA_BUNDLE, the profile's ca_bundle, the system's CAs
+    client_cert: str | None = None  # mutual TLS (API Gateway custom domains)
+    client_key: str | None = None
+    client_key_password: str | None = Field(default=None, repr=False)
+    _environment_region: awsenv.Setting | None = PrivateAttr(default=None)  # set by Config
+    _egress: Egress | None = PrivateAttr(default=None)  # set by Config
 
     @field_validator("path_prefix")
     @classmethod
@@ -284,10 +295,17 @@ class Route(_Frozen):
             raise ValueError(f"expected a port from 1 to 65535 in {value!r}")
         return value
 
+    @field_validator("egress_proxy")
+    @classmethod
+    def _egress_proxy(cls, value: str | None) -> str | None:
+        if value is not None and value != "none":
+            ProxyURL.parse(value, "expected none or an http:// proxy URL")
+        return value
+
     @model_validator(mode="after")
-    def _region(self) -> Route:
-        if self.auth == "sigv4" and not self.resolved_region:
-            raise ValueError(f"region: cannot be read from the host {self.upstream_host!r}; set region explicitly")
+    def _client_key(self) -> Route:
+        if (self.client_key or self.client_key_password) and not self.client_cert:
+            raise ValueError("client_cert: expected a certificate file beside client_key")
         return self
 
     @cached_property
@@ -326,7 +344,22 @@ class Route(_Frozen):
 
     @cached_property
     def resolved_region(self) -> str | None:
-        return self.region or region_from_host(urlsplit(self.upstream).hostname or "")
+        region = self.region or region_from_host(urlsplit(self.upstream).hostname or "")
+        return region or (self._environment_region.value if self._environment_region else None)
+
+    @property
+    def region_source(self) -> str:
+        """Where ``resolved_region`` came from, for ``check``."""
+        if self.region:
+            return "region:"
+        if region_from_host(urlsplit(self.upstream).hostname or ""):
+            return "host name"
+        return self._environment_region.source if self._environment_region else "-"
+
+    @property
+    def egress(self) -> Egress | None:
+        """How this route's connections are opened (TLS, forward proxy); set when the Config is validated."""
+        return self._egress
 
 
 # ---------------------------------------------------------------- whole file
@@ -372,7 +405,58 @@ class Config(_Frozen):
         for prefix in prefixes:
             if prefixes.count(prefix) > 1:
                 raise ValueError(f"routes: path_prefix {prefix!r} appears more than once")
+        self._environment()
         return self
+
+    def _environment(self) -> None:
+        """Fill in what routes leave to the environment, as the AWS CLI would: region, CA bundle, proxy."""
+        try:
+            proxies = ProxyEnvironment.read()
+        except ValueError as error:
+            raise ValueError(f"environment {error}") from None
+        shared: dict[tuple[Any, ...], Egress] = {}
+        for index, route in enumerate(self.routes):
+            source = self.credentials.get(route.credentials)
+            profile = source.profile if isinstance(source, ProfileSource) else None
+            if route.auth == "sigv4" and not route.region and not region_from_host(route.upstream_address[1]):
+                route._environment_region = awsenv.region(profile)
+                if route._environment_region is None:
+                    raise ValueError(
+                        f"routes.{index}.region: cannot be read from the host {route.upstream_host!r}, and neither "
+                        "AWS_REGION, AWS_DEFAULT_REGION nor the profile's region is set; set region explicitly"
+                    )
+            bundle = route.ca_bundle or None
+            bundle_source = f"routes.{index}.ca_bundle"
+            if bundle is None and (setting := awsenv.ca_bundle(profile)) is not None:
+                bundle, bundle_source = setting.value, f"ca_bundle from {setting.source}"
+            settings = (bundle, route.client_cert, route.client_key, route.client_key_password, route.egress_proxy)
+            if settings not in shared:
+                shared[settings] = self._egress(index, route, bundle, bundle_source, proxies)
+            route._egress = shared[settings]
+
+    def _egress(
+        self, index: int, route: Route, bundle: str | None, bundle_source: str, proxies: ProxyEnvironment
+    ) -> Egress:
+        where = f"routes.{index}"
+        try:
+            tls = tls_context(bundle)
+        except (OSError, ValueError) as error:  # ssl.SSLError is an OSError
+            raise ValueError(f"{bundle_source}: cannot load CA certificates from {bundle!r}: {_why(error)}") from None
+        if route.client_cert:
+            try:
+                tls.load_cert_chain(route.client_cert, route.client_key, password=route.client_key_password or None)
+            except (OSError, ValueError) as error:  # the password is never in the message
+                raise ValueError(
+                    f"{where}.client_cert: cannot load the certificate and key ({route.client_cert!r}, "
+                    f"{route.client_key or 'in the same file'!r}): {_why(error)}; a wrong client_key_password "
+                    "shows as a PEM error"
+                ) from None
+        proxy: ProxyURL | ProxyEnvironment | None = proxies
+        if route.egress_proxy == "none":
+            proxy = None
+        elif route.egress_proxy:
+            proxy = ProxyURL.parse(route.egress_proxy, f"{where}.egress_proxy")
+        return Egress(tls, proxy, self.listen)
 
     def _check_chain(self, name: str, source: AssumeRoleSource, names: set[str]) -> None:
         seen = [name]
@@ -392,6 +476,11 @@ class Config(_Frozen):
 
     def source(self, name: str) -> SourceConfig:
         return self.credentials.get(name) or DefaultChainSource(type="default")
+
+
+def _why(error: Exception) -> str:
+    """A file error's cause without its arguments: an OSError's text, an SSLError's OpenSSL reason."""
+    return str(getattr(error, "strerror", None) or getattr(error, "reason", None) or type(error).__name__)
 
 
 def _format_errors(error: ValidationError) -> str:
