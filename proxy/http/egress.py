@@ -200,6 +200,7 @@ def tls_context(ca_bundle: str | None = None) -> ssl.SSLContext:
 # Verification codes worth their own reason (OpenSSL's X509_V_ERR_*).
 _VERIFY_REASONS = {
     62: ("upstream_certificate_name_mismatch", "its certificate is not for this host name"),
+    64: ("upstream_certificate_name_mismatch", "its certificate is not for this IP address"),
     10: ("upstream_certificate_expired", "its certificate has expired"),
     9: ("upstream_certificate_expired", "its certificate is not yet valid (check this machine's clock)"),
 }
