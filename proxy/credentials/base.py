@@ -78,6 +78,10 @@ class CredentialSource(ABC):
     async def fetch(self) -> AwsCredentials:
         """Do the exchange once; raise ``CredentialsUnavailable`` with a safe message."""
 
+    def changed(self) -> bool:
+        """True when what ``fetch`` returned is known to be out of date (the files it read were rewritten)."""
+        return False
+
 
 T = TypeVar("T", bound=Expiring)
 
@@ -110,8 +114,10 @@ class Refreshing(Generic[T]):
         clock: Callable[[], float] = time.time,
         min_backoff: float = 0.5,
         max_backoff: float = 30.0,
+        changed: Callable[[], bool] | None = None,
     ) -> None:
         self._fetch = fetch
+        self._changed = changed
         self.name = name
         self._clock = clock
         self._min_backoff = min_backoff
@@ -157,6 +163,8 @@ class Refreshing(Generic[T]):
     async def get(self) -> T:
         now = self._clock()
         stage = self._stage(now)
+        if self._changed is not None and self._changed():
+            stage, self._next_attempt = "mandatory", 0.0  # new files: load them now, whatever the backoff
         if stage == "fresh":
             return self._value  # type: ignore[return-value]
         in_backoff = now < self._next_attempt
