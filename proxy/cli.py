@@ -97,8 +97,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
 
     shown = f"[{host}]" if ":" in host else host
+    scheme = "https" if config.listen_tls else "http"
     return supervise(
-        sockets, serve, f"signing-proxy listening on http://{shown}:{sockets[0].getsockname()[1]} ({count} workers)"
+        sockets, serve, f"signing-proxy listening on {scheme}://{shown}:{sockets[0].getsockname()[1]} ({count} workers)"
     )
 
 

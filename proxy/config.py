@@ -13,6 +13,7 @@ import ipaddress
 import math
 import os
 import re
+import ssl
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -365,8 +366,32 @@ class Route(_Frozen):
 # ---------------------------------------------------------------- whole file
 
 
+class ListenTls(_Frozen):
+    """HTTPS on the listen address, for clients that refuse plain HTTP (browsers' mixed content, strict SDKs)."""
+
+    cert: str  # PEM: the certificate (and its chain; the key too when ``key`` is not set)
+    key: str | None = None
+    _context: ssl.SSLContext | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _load(self) -> ListenTls:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            context.load_cert_chain(self.cert, self.key)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"cert: cannot load the certificate and key ({self.cert!r}): {_why(error)}") from None
+        self._context = context
+        return self
+
+    @property
+    def context(self) -> ssl.SSLContext:
+        assert self._context is not None
+        return self._context
+
+
 class Config(_Frozen):
     listen: Listen = ("127.0.0.1", 8080)
+    listen_tls: ListenTls | None = None  # serve HTTPS on listen with this certificate
     admin_listen: Listen | None = None  # /healthz, /readyz, /metrics; off unless set
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"

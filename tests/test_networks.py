@@ -6,12 +6,15 @@ proxy or a tunnel must not change what was signed.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import ssl
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from proxy.config import ConfigError, parse_config
 from proxy.demo import free_port
@@ -235,3 +238,45 @@ def test_unusable_tls_files_are_config_errors_naming_the_key(pki: Pki, tmp_path:
         parse_config(static_route("https://h", ca_bundle=str(tmp_path / "missing.pem")))
     with pytest.raises(ConfigError, match=r"routes\.0: client_cert: expected a certificate file beside client_key"):
         parse_config(static_route("https://h", client_key=str(key)))
+
+
+# ---------------------------------------------------------------- a local TLS listener
+
+
+async def test_listen_tls_serves_https_to_curl_including_large_bodies_and_websockets(
+    start_proxy: StartProxy, pki: Pki, ws_upstream: Any
+) -> None:
+    """curl (OpenSSL) and aiohttp check the certificate; a 2 MiB body is not spliced past TLS."""
+    leaf = pki.ca.issue_cert("localhost", "127.0.0.1")
+    cert, key = pki.directory / "localhost.pem", pki.directory / "localhost.key"
+    leaf.cert_chain_pems[0].write_to_path(str(cert))
+    leaf.private_key_pem.write_to_path(str(key))
+    big = bytes(range(256)) * (8 * 1024)  # 2 MiB, above the splice threshold
+
+    async def large(request: Any, received: Any) -> Any:
+        return web.Response(body=big)
+
+    async with SigV4Upstream(SECRETS) as upstream:
+        upstream.responder = large
+        config = static_route(upstream.url)
+        config["routes"].append({**config["routes"][0], "path_prefix": "/ws", "upstream": ws_upstream.url})
+        server = await start_proxy({**config, "listen_tls": {"cert": str(cert), "key": str(key)}})
+        assert server.url.startswith("https://127.0.0.1:")
+        process = await asyncio.create_subprocess_exec(
+            "curl", "-sS", "--cacert", str(pki.ca_file), f"{server.url}/orders", stdout=asyncio.subprocess.PIPE
+        )
+        body, _ = await process.communicate()
+        assert process.returncode == 0 and body == big
+        assert upstream.received[-1].signature_ok
+        client_tls = ssl.create_default_context(cafile=str(pki.ca_file))
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(f"wss://127.0.0.1:{server.port}/ws/chat", ssl=client_tls) as ws:
+                await ws.send_str("hello over TLS")
+                assert (await ws.receive()).data == "hello over TLS"
+            with pytest.raises(aiohttp.ClientConnectorCertificateError):
+                await session.get(f"{server.url}/orders")  # the system CAs do not know this certificate
+
+
+def test_listen_tls_files_are_checked_at_load(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"listen_tls: cert: cannot load the certificate and key"):
+        parse_config({**static_route("http://127.0.0.1:1"), "listen_tls": {"cert": str(tmp_path / "none.pem")}})
