@@ -145,6 +145,19 @@ async def test_a_proxy_at_our_own_listen_address_is_ignored_with_one_warning(
     assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
 
 
+async def test_a_websocket_upgrade_goes_through_a_connect_tunnel(
+    start_proxy: StartProxy, ws_upstream: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upgrade cannot be sent in absolute form: even a ws:// upstream is reached through CONNECT."""
+    async with ConnectProxy(username="u", password="p") as egress:
+        monkeypatch.setenv("HTTP_PROXY", egress.url)
+        server = await start_proxy(static_route(ws_upstream.url))
+        async with aiohttp.ClientSession() as session, session.ws_connect(f"ws://127.0.0.1:{server.port}/chat") as ws:
+            await ws.send_str("through the tunnel")
+            assert (await ws.receive()).data == "through the tunnel"
+    assert egress.tunnels == [ws_upstream.url.removeprefix("http://")] and egress.forwarded == []
+
+
 def test_an_unusable_proxy_url_is_a_config_error_naming_where(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ConfigError, match=r"routes\.0\.egress_proxy: expected none or an http:// proxy URL"):
         parse_config(static_route("http://127.0.0.1:1", egress_proxy="socks5://u:hidden@proxy:1080"))

@@ -5,8 +5,9 @@ container and instance roles); its calls block, so they run through ``run_blocki
 
 Those files change under a running proxy: ``aws configure`` or a rotation job
 rewrites ``~/.aws/credentials``, ``aws sso login`` writes a new token to
-``~/.aws/sso/cache``. ``BotocoreChain.changed`` notices (a ``stat`` of each file
-per request, microseconds) and the next request loads them again.
+``~/.aws/sso/cache``. ``BotocoreChain.changed`` notices (a ``stat`` of each file,
+at most once a second while all is well, on every request while it is failing)
+and the next request loads them again.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class BotocoreChain(CredentialSource):
     def __init__(self, profile: str | None = None) -> None:
         self.profile = profile
         self._botocore_credentials: Any = None
-        self._watched: list[Path] = []
+        self._watched: list[str] = []
         self._seen: list[tuple[int, int, int] | None] = []
         if profile:
             self.kind = "profile"
@@ -62,7 +63,7 @@ class BotocoreChain(CredentialSource):
         try:
             if self._botocore_credentials is None:
                 session = botocore_session(self.profile)
-                self._watched = watched_files(session)
+                self._watched = [str(path) for path in watched_files(session)]
                 self._seen = [_stamp(path) for path in self._watched]  # before reading: a later write is seen
                 self._botocore_credentials = session.get_credentials()
             if self._botocore_credentials is None:
@@ -109,10 +110,10 @@ def watched_files(session: Any) -> list[Path]:
     return files
 
 
-def _stamp(path: Path) -> tuple[int, int, int] | None:
+def _stamp(path: str) -> tuple[int, int, int] | None:
     """What changes when a file is rewritten (in place or replaced); None while it does not exist."""
     try:
-        status = path.stat()
+        status = os.stat(path)
     except OSError:
         return None
     return status.st_mtime_ns, status.st_size, status.st_ino

@@ -21,9 +21,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from proxy.credentials import AwsCredentials, CredentialSource, CredentialsUnavailable, Refreshing, base
 from proxy.demo import free_port
 from tests.conftest import StartProxy
-from tests.credentials.conftest import Moto
+from tests.credentials.conftest import Moto, ShiftedClock
 from tests.credentials.moto_harness import ACCOUNT, REGION
 from tests.support.connect_proxy import ConnectProxy
 from tests.support.faults import start_proxy_process
@@ -61,6 +62,7 @@ async def upstream() -> AsyncIterator[SigV4Upstream]:
 async def test_a_rewritten_credentials_file_is_used_by_the_next_request(
     upstream: SigV4Upstream, start_proxy: StartProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(base, "CHANGE_CHECK_EVERY", 0.0)  # look at the files on every request, not once a second
     shared = tmp_path / "credentials"
     credentials_file(shared, "AKIDROTATEDKEY000001")
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(shared))
@@ -72,6 +74,49 @@ async def test_a_rewritten_credentials_file_is_used_by_the_next_request(
     keys = [r.access_key_id for r in upstream.received]
     assert keys == ["AKIDROTATEDKEY000001", "AKIDROTATEDKEY000002", "AKIDROTATEDKEY000002"]
     assert all(r.signature_ok for r in upstream.received)
+
+
+class Rotating(CredentialSource):
+    """A source whose files are said to change whenever ``rewritten`` is set; counts the looks."""
+
+    kind = "static"
+
+    def __init__(self) -> None:
+        self.looks = 0
+        self.rewritten = False
+        self.key = "AKIDROTATEDKEY000001"
+
+    def changed(self) -> bool:
+        self.looks += 1
+        rewritten, self.rewritten = self.rewritten, False
+        return rewritten
+
+    async def fetch(self) -> AwsCredentials:
+        if not self.key:
+            raise CredentialsUnavailable("nothing in the files", "no_credentials")
+        return AwsCredentials(self.key, KEYS[self.key])
+
+
+async def test_files_are_looked_at_once_a_second_while_healthy_and_on_every_request_while_failing() -> None:
+    clock = ShiftedClock()
+    source = Rotating()
+    refreshing = Refreshing(source.fetch, name="rotating", clock=clock, changed=source.changed)
+    assert (await refreshing.get()).access_key_id == "AKIDROTATEDKEY000001"
+    source.key, source.rewritten = "AKIDROTATEDKEY000002", True
+    assert (await refreshing.get()).access_key_id == "AKIDROTATEDKEY000001"  # within the second: not looked
+    assert source.looks == 1
+    clock.jump_to(clock() + 1.0)
+    assert (await refreshing.get()).access_key_id == "AKIDROTATEDKEY000002"
+
+    failing = Rotating()
+    failing.key = ""  # nothing usable in the files yet (an expired SSO session)
+    refreshing = Refreshing(failing.fetch, name="failing", clock=clock, changed=failing.changed)
+    for _ in range(3):  # failing: every request looks, so a fix is picked up at once, backoff or not
+        with pytest.raises(CredentialsUnavailable):
+            await refreshing.get()
+    assert failing.looks == 3
+    failing.key, failing.rewritten = "AKIDROTATEDKEY000001", True
+    assert (await refreshing.get()).access_key_id == "AKIDROTATEDKEY000001"
 
 
 # ---------------------------------------------------------------- SSO
