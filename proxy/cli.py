@@ -152,6 +152,9 @@ def cmd_check(args: argparse.Namespace) -> int:
         )
         if route.auth == "sigv4":
             print(f"    region {route.resolved_region} from {route.region_source}")
+        via = route.egress.proxy_for(*route.upstream_address) if route.egress else None
+        if via is not None:
+            print(f"    connects through egress proxy {via}")
 
     async def probe(name: str) -> str:
         provider = providers[name]

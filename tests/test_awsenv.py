@@ -74,9 +74,11 @@ async def test_check_prints_where_each_route_region_came_from(tmp_path: Path) ->
         "routes:\n  - {upstream: 'https://api.example.test/prod', credentials: fixed}\n"
         "  - {path_prefix: /b, upstream: 'https://a.execute-api.eu-west-1.amazonaws.com', credentials: fixed}\n"
     )
-    code, out, err = await run_cli("check", "--config", str(config), env={"AWS_DEFAULT_REGION": "us-east-2"})
+    proxy = {"HTTPS_PROXY": "http://user:proxy-password@proxy.corp:3128", "NO_PROXY": ".amazonaws.com"}
+    code, out, err = await run_cli("check", "--config", str(config), env={"AWS_DEFAULT_REGION": "us-east-2", **proxy})
     assert code == 0, err
-    assert "region us-east-2 from AWS_DEFAULT_REGION" in out
-    assert "region eu-west-1 from host name" in out
+    assert "region us-east-2 from AWS_DEFAULT_REGION\n    connects through egress proxy http://proxy.corp:3128" in out
+    assert "region eu-west-1 from host name\n" in out and out.count("egress proxy") == 1  # NO_PROXY: direct
+    assert "proxy-password" not in out + err
     code, _, err = await run_cli("check", "--config", str(config))
     assert code == 2 and "routes.0.region" in err
