@@ -20,6 +20,7 @@ from proxy.config import ConfigError, parse_config
 from proxy.demo import free_port
 from tests.conftest import TEST_KEY_ID, TEST_SECRET, StartProxy, static_route
 from tests.support.connect_proxy import ConnectProxy
+from tests.support.faults import start_proxy_process
 from tests.support.sigv4_upstream import SigV4Upstream
 from tests.support.tls import Pki, openssl_server
 
@@ -240,6 +241,28 @@ async def test_a_refused_client_certificate_is_named(start_proxy: StartProxy, pk
         status, body = await get(f"{server.url}/orders")
     assert status == 502 and body["reason"] == "upstream_client_certificate_refused", body
     assert "client_cert" in body["message"]
+
+
+async def test_the_command_line_proxy_on_its_own_loop_tunnels_and_names_tls_failures(
+    pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``signing-proxy run`` (on uvloop when installed): a pooled tunnel, then a refused client certificate."""
+    async with (
+        ConnectProxy() as egress,
+        SigV4Upstream(SECRETS, tls=pki.server()) as upstream,
+        openssl_server(pki) as refusing,
+    ):
+        monkeypatch.setenv("HTTPS_PROXY", egress.url)
+        config = static_route(upstream.url, ca_bundle=str(pki.ca_file))
+        config["routes"].append({**config["routes"][0], "path_prefix": "/mtls", "upstream": refusing})
+        proxy = await start_proxy_process(config, tmp_path, free_port())
+        try:
+            assert [(await get(f"{proxy.url}/orders"))[0] for _ in range(2)] == [200, 200]
+            status, body = await get(f"{proxy.url}/mtls/x")
+        finally:
+            await proxy.stop()
+    assert len(egress.tunnels) == 2  # one for the API (reused), one for the refusing server
+    assert status == 502 and body["reason"] == "upstream_client_certificate_refused"
 
 
 def test_unusable_tls_files_are_config_errors_naming_the_key(pki: Pki, tmp_path: Path) -> None:

@@ -419,9 +419,9 @@ class Pool:
     async def _connect(self, key: Slot, timeout: float) -> _Connection:
         scheme, host, port, egress = key
         loop = asyncio.get_running_loop()
-        opened = None
         try:
             async with asyncio.timeout(timeout):
+                # ``open`` closes its socket if it fails; once handed over, the loop closes it on failure.
                 opened = await (egress or self._default_egress()).open(scheme, host, port)
                 _, connection = await loop.create_connection(
                     lambda: _Connection(self, key),
@@ -430,20 +430,13 @@ class Pool:
                     server_hostname=host if opened.tls else None,
                 )
         except TimeoutError:
-            _close(opened)
             raise ConnectTimeout(f"cannot connect to {host}:{port} within {timeout:g}s") from None
         except EgressError as error:
-            _close(opened)
             raise ConnectError.because(error) from None
         except ssl.SSLError as error:
-            _close(opened)
             raise ConnectError.because(tls_failure(error, host)) from None
         except OSError as error:
-            _close(opened)
             raise ConnectError(f"cannot connect to {host}:{port}: {error.strerror or error}") from None
-        except BaseException:
-            _close(opened)
-            raise
         connection.absolute_form, connection.proxy_headers = opened.absolute_form, opened.proxy_headers
         self._all.add(connection)
         return connection
@@ -520,9 +513,3 @@ def _head(method: str, target: str, headers: Iterable[tuple[str, str]]) -> bytes
     lines += [f"{name}: {value}\r\n" for name, value in headers]
     lines.append("\r\n")
     return "".join(lines).encode("utf-8", "surrogateescape")  # header bytes as the client sent them
-
-
-def _close(opened: object) -> None:
-    sock = getattr(opened, "sock", None)
-    if sock is not None:
-        sock.close()
