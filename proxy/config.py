@@ -352,7 +352,7 @@ class Route(_Frozen):
     def region_source(self) -> str:
         """Where ``resolved_region`` came from, for ``check``."""
         if self.region:
-            return "region:"
+            return "the route's region"
         if region_from_host(urlsplit(self.upstream).hostname or ""):
             return "host name"
         return self._environment_region.source if self._environment_region else "-"
@@ -377,7 +377,7 @@ class ListenTls(_Frozen):
     def _load(self) -> ListenTls:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         try:
-            context.load_cert_chain(self.cert, self.key)
+            context.load_cert_chain(_path(self.cert), _path(self.key))
         except (OSError, ValueError) as error:
             raise ValueError(f"cert: cannot load the certificate and key ({self.cert!r}): {_why(error)}") from None
         self._context = context
@@ -440,11 +440,18 @@ class Config(_Frozen):
         except ValueError as error:
             raise ValueError(f"environment {error}") from None
         shared: dict[tuple[Any, ...], Egress] = {}
+        looked_up: dict[tuple[str, str | None], awsenv.Setting | None] = {}  # a botocore session each: once
+
+        def setting(name: str, profile: str | None) -> awsenv.Setting | None:
+            if (name, profile) not in looked_up:
+                looked_up[name, profile] = awsenv.region(profile) if name == "region" else awsenv.ca_bundle(profile)
+            return looked_up[name, profile]
+
         for index, route in enumerate(self.routes):
             source = self.credentials.get(route.credentials)
             profile = source.profile if isinstance(source, ProfileSource) else None
             if route.auth == "sigv4" and not route.region and not region_from_host(route.upstream_address[1]):
-                route._environment_region = awsenv.region(profile)
+                route._environment_region = setting("region", profile)
                 if route._environment_region is None:
                     raise ValueError(
                         f"routes.{index}.region: cannot be read from the host {route.upstream_host!r}, and neither "
@@ -452,8 +459,8 @@ class Config(_Frozen):
                     )
             bundle = route.ca_bundle or None
             bundle_source = f"routes.{index}.ca_bundle"
-            if bundle is None and (setting := awsenv.ca_bundle(profile)) is not None:
-                bundle, bundle_source = setting.value, f"ca_bundle from {setting.source}"
+            if bundle is None and (found := setting("ca_bundle", profile)) is not None:
+                bundle, bundle_source = found.value, f"ca_bundle from {found.source}"
             settings = (bundle, route.client_cert, route.client_key, route.client_key_password, route.egress_proxy)
             if settings not in shared:
                 shared[settings] = self._egress(index, route, bundle, bundle_source, proxies)
@@ -464,12 +471,14 @@ class Config(_Frozen):
     ) -> Egress:
         where = f"routes.{index}"
         try:
-            tls = tls_context(bundle)
+            tls = tls_context(_path(bundle))
         except (OSError, ValueError) as error:  # ssl.SSLError is an OSError
             raise ValueError(f"{bundle_source}: cannot load CA certificates from {bundle!r}: {_why(error)}") from None
         if route.client_cert:
             try:
-                tls.load_cert_chain(route.client_cert, route.client_key, password=route.client_key_password or None)
+                tls.load_cert_chain(
+                    _path(route.client_cert), _path(route.client_key), password=route.client_key_password or None
+                )
             except (OSError, ValueError) as error:  # the password is never in the message
                 raise ValueError(
                     f"{where}.client_cert: cannot load the certificate and key ({route.client_cert!r}, "
@@ -501,6 +510,11 @@ class Config(_Frozen):
 
     def source(self, name: str) -> SourceConfig:
         return self.credentials.get(name) or DefaultChainSource(type="default")
+
+
+def _path(value: str | None) -> str | None:
+    """A file setting with ``~`` expanded, so ``~/.config/...`` works in YAML as in a shell."""
+    return os.path.expanduser(value) if value else None
 
 
 def _why(error: Exception) -> str:

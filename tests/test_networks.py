@@ -313,6 +313,14 @@ async def test_listen_tls_serves_https_to_curl_including_large_bodies_and_websoc
                 await session.get(f"{server.url}/orders")  # the system CAs do not know this certificate
 
 
-def test_listen_tls_files_are_checked_at_load(tmp_path: Path) -> None:
+def test_tls_files_are_checked_at_load_and_may_start_with_a_tilde(
+    pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with pytest.raises(ConfigError, match=r"listen_tls: cert: cannot load the certificate and key"):
         parse_config({**static_route("http://127.0.0.1:1"), "listen_tls": {"cert": str(tmp_path / "none.pem")}})
+    monkeypatch.setenv("HOME", str(tmp_path))
+    pki.ca.issue_cert("localhost").private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "localhost.pem"))
+    config = parse_config(
+        {**static_route("https://h", ca_bundle="~/corp-ca.pem"), "listen_tls": {"cert": "~/localhost.pem"}}
+    )
+    assert config.listen_tls is not None and config.routes[0].egress is not None
