@@ -76,7 +76,11 @@ class BotocoreChain(CredentialSource):
             return _frozen(self._botocore_credentials, f"{self.kind} ({method})" if method else self.kind)
         except botocore.exceptions.ProfileNotFound:
             raise CredentialsUnavailable(f"AWS profile {self.profile!r} not found", "profile_not_found") from None
-        except (botocore.exceptions.UnauthorizedSSOTokenError, botocore.exceptions.SSOTokenLoadError):
+        except (
+            botocore.exceptions.UnauthorizedSSOTokenError,  # a legacy profile's token expired or was refused
+            botocore.exceptions.SSOTokenLoadError,  # no token cached: never logged in
+            botocore.exceptions.TokenRetrievalError,  # an sso-session's token expired and could not be renewed
+        ):
             raise CredentialsUnavailable(
                 f"the SSO session of profile {name} has expired or was never started: "
                 f"run aws sso login --profile {name}",

@@ -172,12 +172,12 @@ async def serve() -> AsyncIterator[Serve]:
         await runner.cleanup()
 
 
-def sso_token(home: Path, start_url: str, token: str, expires_in: float) -> None:
-    """What `aws sso login` writes: the access token in ~/.aws/sso/cache/<sha1 of the start URL>.json."""
+def sso_token(home: Path, start_url: str, token: str, expires_in: float, session: str = "") -> None:
+    """What `aws sso login` writes: the token in ~/.aws/sso/cache/<sha1 of the sso-session, else the start URL>.json."""
     cache = home / ".aws" / "sso" / "cache"
     cache.mkdir(parents=True, exist_ok=True)
     expires = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=expires_in)
-    (cache / f"{hashlib.sha1(start_url.encode()).hexdigest()}.json").write_text(
+    (cache / f"{hashlib.sha1((session or start_url).encode()).hexdigest()}.json").write_text(
         json.dumps(
             {
                 "startUrl": start_url,
@@ -189,19 +189,22 @@ def sso_token(home: Path, start_url: str, token: str, expires_in: float) -> None
     )
 
 
+@pytest.mark.parametrize("session", ["", "corp"], ids=["legacy profile", "sso-session"])
 async def test_an_expired_sso_session_says_how_to_log_in_and_a_new_login_is_used_without_restart(
-    upstream: SigV4Upstream, serve: Serve, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    upstream: SigV4Upstream, serve: Serve, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, session: str
 ) -> None:
     portal = SsoPortal()
     app = web.Application()
     app.router.add_get("/federation/credentials", portal.role_credentials)
     start_url = "https://corp.awsapps.com/start"
     config = tmp_path / "aws-config"
-    config.write_text(
-        f"[profile dev]\nsso_start_url = {start_url}\nsso_region = {REGION}\nsso_account_id = {ACCOUNT}\n"
-        "sso_role_name = Developer\n"
-    )
-    sso_token(tmp_path, start_url, "yesterday-token", expires_in=-3600)
+    sso = f"sso_start_url = {start_url}\nsso_region = {REGION}\n"
+    role = f"sso_account_id = {ACCOUNT}\nsso_role_name = Developer\n"
+    if session:
+        config.write_text(f"[profile dev]\nsso_session = {session}\n{role}[sso-session {session}]\n{sso}")
+    else:
+        config.write_text(f"[profile dev]\n{sso}{role}")
+    sso_token(tmp_path, start_url, "yesterday-token", expires_in=-3600, session=session)
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
     monkeypatch.setenv("AWS_ENDPOINT_URL_SSO", await serve(app))
@@ -215,7 +218,7 @@ async def test_an_expired_sso_session_says_how_to_log_in_and_a_new_login_is_used
         assert status == 503 and body["reason"] == "sso_login_required"
         assert "aws sso login --profile dev" in body["message"]
         portal.valid_token = "fresh-token"
-        sso_token(tmp_path, start_url, "fresh-token", expires_in=8 * 3600)  # `aws sso login --profile dev`
+        sso_token(tmp_path, start_url, "fresh-token", expires_in=8 * 3600, session=session)  # aws sso login
         status, _ = await get(f"{proxy.url}/orders")
         assert status == 200
     finally:
