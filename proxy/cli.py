@@ -155,6 +155,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         via = route.egress.proxy_for(*route.upstream_address) if route.egress else None
         if via is not None:
             print(f"    connects through egress proxy {via}")
+        if route.upstream_scheme == "https":
+            print(f"    trusts {route.trusted_cas}")
 
     async def probe(name: str) -> str:
         provider = providers[name]

@@ -272,6 +272,7 @@ class Route(_Frozen):
     client_key_password: str | None = Field(default=None, repr=False)
     _environment_region: awsenv.Setting | None = PrivateAttr(default=None)  # set by Config
     _egress: Egress | None = PrivateAttr(default=None)  # set by Config
+    _ca_bundle: awsenv.Setting | None = PrivateAttr(default=None)  # the bundle in use and where it was set
 
     @field_validator("path_prefix")
     @classmethod
@@ -356,6 +357,13 @@ class Route(_Frozen):
         if region_from_host(urlsplit(self.upstream).hostname or ""):
             return "host name"
         return self._environment_region.source if self._environment_region else "-"
+
+    @property
+    def trusted_cas(self) -> str:
+        """Which CAs this route trusts, for ``check``."""
+        if self._ca_bundle is None:
+            return "the system's CAs (or SSL_CERT_FILE)"
+        return f"{self._ca_bundle.value} from {self._ca_bundle.source}"
 
     @property
     def egress(self) -> Egress | None:
@@ -459,8 +467,10 @@ class Config(_Frozen):
                     )
             bundle = route.ca_bundle or None
             bundle_source = f"routes.{index}.ca_bundle"
+            route._ca_bundle = awsenv.Setting(bundle, "the route's ca_bundle") if bundle else None
             if bundle is None and (found := setting("ca_bundle", profile)) is not None:
                 bundle, bundle_source = found.value, f"ca_bundle from {found.source}"
+                route._ca_bundle = found
             settings = (bundle, route.client_cert, route.client_key, route.client_key_password, route.egress_proxy)
             if settings not in shared:
                 shared[settings] = self._egress(index, route, bundle, bundle_source, proxies)

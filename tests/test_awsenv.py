@@ -80,5 +80,6 @@ async def test_check_prints_where_each_route_region_came_from(tmp_path: Path) ->
     assert "region us-east-2 from AWS_DEFAULT_REGION\n    connects through egress proxy http://proxy.corp:3128" in out
     assert "region eu-west-1 from host name\n" in out and out.count("egress proxy") == 1  # NO_PROXY: direct
     assert "proxy-password" not in out + err
+    assert "trusts the system's CAs (or SSL_CERT_FILE)" in out
     code, _, err = await run_cli("check", "--config", str(config))
     assert code == 2 and "routes.0.region" in err

@@ -181,6 +181,7 @@ async def test_a_private_ca_from_aws_ca_bundle(
         assert "AWS_CA_BUNDLE" in body["message"]
         monkeypatch.setenv("AWS_CA_BUNDLE", str(pki.ca_file))
         server = await start_proxy(static_route(upstream.url))
+        assert server.config.routes[0].trusted_cas == f"{pki.ca_file} from AWS_CA_BUNDLE"
         status, _ = await get(f"{server.url}/orders")
     assert status == 200 and upstream.received[-1].signature_ok
 
@@ -194,6 +195,7 @@ async def test_a_private_ca_from_the_profile_and_from_ssl_cert_file(
     monkeypatch.setenv("AWS_PROFILE", "corp")
     async with SigV4Upstream(SECRETS, tls=pki.server()) as upstream:
         server = await start_proxy(static_route(upstream.url))
+        assert server.config.routes[0].trusted_cas == f"{pki.ca_file} from profile corp in {shared}"
         assert (await get(f"{server.url}/orders"))[0] == 200
         monkeypatch.delenv("AWS_PROFILE")
         monkeypatch.setenv("SSL_CERT_FILE", str(pki.ca_file))
