@@ -301,7 +301,10 @@ class Route(_Frozen):
     @classmethod
     def _egress_proxy(cls, value: str | None) -> str | None:
         if value is not None and value != "none":
-            ProxyURL.parse(value, "expected none or an http:// proxy URL")
+            try:
+                ProxyURL.parse(value)
+            except ValueError as error:
+                raise ValueError(f"{error}; or none for direct connections") from None
         return value
 
     @model_validator(mode="after")
@@ -499,7 +502,7 @@ class Config(_Frozen):
         if route.egress_proxy == "none":
             proxy = None
         elif route.egress_proxy:
-            proxy = ProxyURL.parse(route.egress_proxy, f"{where}.egress_proxy")
+            proxy = ProxyURL.parse(route.egress_proxy)  # checked by the field validator
         return Egress(tls, proxy, self.listen)
 
     def _check_chain(self, name: str, source: AssumeRoleSource, names: set[str]) -> None:

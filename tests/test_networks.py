@@ -160,7 +160,10 @@ async def test_a_websocket_upgrade_goes_through_a_connect_tunnel(
 
 
 def test_an_unusable_proxy_url_is_a_config_error_naming_where(monkeypatch: pytest.MonkeyPatch) -> None:
-    with pytest.raises(ConfigError, match=r"routes\.0\.egress_proxy: expected none or an http:// proxy URL"):
+    with pytest.raises(
+        ConfigError,
+        match=r"routes\.0\.egress_proxy: expected an http:// proxy URL, got 'socks5://proxy:1080' .*; or none",
+    ):
         parse_config(static_route("http://127.0.0.1:1", egress_proxy="socks5://u:hidden@proxy:1080"))
     monkeypatch.setenv("HTTPS_PROXY", "socks5://u:hidden@proxy:1080")
     with pytest.raises(ConfigError, match=r"HTTPS_PROXY: expected an http:// proxy URL") as raised:

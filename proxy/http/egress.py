@@ -67,20 +67,23 @@ class ProxyURL:
     authorization: str | None = field(default=None, repr=False)  # "Basic ..." or None
 
     @classmethod
-    def parse(cls, url: str, where: str) -> ProxyURL:
-        """Parse a proxy URL; ``ValueError`` names ``where`` and never repeats the password."""
+    def parse(cls, url: str) -> ProxyURL:
+        """Parse a proxy URL; the ``ValueError`` says what was expected and never repeats the password."""
         text = url.strip()
         if "://" not in text:
             text = "http://" + text  # "proxy:3128", as curl and botocore accept it
         parts = urlsplit(text)
-        shown = f"{parts.scheme}://{parts.hostname or ''}" + (f":{parts.port}" if _port_or_none(parts) else "")
+        try:
+            port = parts.port
+        except ValueError:
+            port = 0
+        shown = f"{parts.scheme}://{parts.hostname or ''}" + (f":{port}" if port else "")
         if parts.scheme != "http":
             raise ValueError(
-                f"{where}: expected an http:// proxy URL, got {shown!r} (HTTPS and SOCKS proxies are not supported)"
+                f"expected an http:// proxy URL, got {shown!r} (HTTPS and SOCKS proxies are not supported)"
             )
-        port = _port_or_none(parts)
         if not parts.hostname or port == 0:
-            raise ValueError(f"{where}: expected http://[user:password@]host[:port], got {shown!r}")
+            raise ValueError(f"expected http://[user:password@]host[:port], got {shown!r}")
         authorization = None
         if parts.username is not None:
             pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
@@ -90,13 +93,6 @@ class ProxyURL:
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
-
-
-def _port_or_none(parts: object) -> int | None:
-    try:
-        return parts.port  # type: ignore[attr-defined,no-any-return]
-    except ValueError:
-        return 0
 
 
 def _variable(environ: Mapping[str, str], name: str) -> tuple[str, str] | None:
@@ -123,7 +119,10 @@ class ProxyEnvironment:
         urls = {}
         for scheme in ("https", "http"):
             found = _variable(environ, f"{scheme}_proxy") or fallback
-            urls[scheme] = ProxyURL.parse(found[1], found[0]) if found else None
+            try:
+                urls[scheme] = ProxyURL.parse(found[1]) if found else None
+            except ValueError as error:
+                raise ValueError(f"{found[0]}: {error}") from None  # type: ignore[index]
         listed = _variable(environ, "no_proxy")
         entries = tuple(e for e in (listed[1].replace(",", " ").lower().split() if listed else ()) if e)
         return cls(urls["https"], urls["http"], entries)

@@ -54,7 +54,7 @@ def test_which_variable_applies() -> None:
 
 
 def test_the_user_info_becomes_basic_auth_and_is_never_shown() -> None:
-    proxy = ProxyURL.parse("http://svc%40corp:p%3Ass%20word@proxy.corp:3128", "HTTPS_PROXY")
+    proxy = ProxyURL.parse("http://svc%40corp:p%3Ass%20word@proxy.corp:3128")
     assert proxy.authorization == "Basic " + base64.b64encode(b"svc@corp:p:ss word").decode()
     assert "ss" not in str(proxy) and "ss%20word" not in repr(proxy) and "Basic" not in repr(proxy)
 
@@ -62,5 +62,5 @@ def test_the_user_info_becomes_basic_auth_and_is_never_shown() -> None:
 @pytest.mark.parametrize("url", ["https://u:hidden@p:443", "socks5://u:hidden@p:1080", "http://u:hidden@:3128"])
 def test_unusable_proxy_urls_are_named_without_the_password(url: str) -> None:
     with pytest.raises(ValueError, match=r"^HTTPS_PROXY: expected") as raised:
-        ProxyURL.parse(url, "HTTPS_PROXY")
+        ProxyEnvironment.read({"HTTPS_PROXY": url})
     assert "hidden" not in str(raised.value)
