@@ -105,7 +105,11 @@ def _variable(environ: Mapping[str, str], name: str) -> tuple[str, str] | None:
 
 @dataclass(frozen=True, slots=True)
 class ProxyEnvironment:
-    """``HTTPS_PROXY``, ``HTTP_PROXY``, ``ALL_PROXY`` and ``NO_PROXY``, parsed once."""
+    """``HTTPS_PROXY``, ``HTTP_PROXY`` and ``NO_PROXY``, parsed once.
+
+    ``ALL_PROXY`` is left alone, as botocore leaves it: the credential calls
+    botocore makes and the requests made here go the same way.
+    """
 
     https: ProxyURL | None = None
     http: ProxyURL | None = None
@@ -115,10 +119,9 @@ class ProxyEnvironment:
     def read(cls, environ: Mapping[str, str] | None = None) -> ProxyEnvironment:
         """From the environment; ``ValueError`` names a variable whose URL is unusable."""
         environ = os.environ if environ is None else environ
-        fallback = _variable(environ, "all_proxy")
         urls = {}
         for scheme in ("https", "http"):
-            found = _variable(environ, f"{scheme}_proxy") or fallback
+            found = _variable(environ, f"{scheme}_proxy")
             try:
                 urls[scheme] = ProxyURL.parse(found[1]) if found else None
             except ValueError as error:

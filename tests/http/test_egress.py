@@ -47,8 +47,8 @@ def test_which_variable_applies() -> None:
     )
     assert str(both.https) == "http://lower:1"  # lower case wins, as in curl
     assert str(both.http) == "http://h:3"  # no scheme: http://
-    fallback = ProxyEnvironment.read({"ALL_PROXY": "http://all:4"})
-    assert str(fallback.https) == str(fallback.http) == "http://all:4"
+    ignored = ProxyEnvironment.read({"ALL_PROXY": "socks5://all:1080"})  # as botocore: not read
+    assert ignored.https is None and ignored.http is None
     assert ProxyEnvironment.read({}).proxy_for("https", "example.com", 443) is None
     assert str(ProxyEnvironment.read({"HTTP_PROXY": "http://p"}).http) == "http://p:80"
 
