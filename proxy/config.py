@@ -33,7 +33,8 @@ from pydantic import (
 )
 
 from . import awsenv
-from .http.egress import Egress, ProxyEnvironment, ProxyURL, tls_context
+from .http.egress import Egress, ProxyEnvironment, ProxyURL
+from .http.tls import tls_context
 from .signing import normalize_path
 
 

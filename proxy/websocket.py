@@ -51,9 +51,10 @@ from websockets.typing import Subprotocol
 from . import signing
 from .config import Route
 from .credentials import CredentialsUnavailable
-from .http.egress import Egress, EgressError, Opened, ProxyEnvironment, tls_context, tls_failure
+from .http.egress import Egress, EgressError, Opened, ProxyEnvironment
 from .http.front import Refusal, error_body
 from .http.http1 import hop_by_hop
+from .http.tls import tls_context, tls_failure
 from .ops.logs import Exchange
 from .routing import Match
 

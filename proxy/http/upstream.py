@@ -23,8 +23,9 @@ from collections.abc import Iterable
 
 from multidict import CIMultiDict
 
-from .egress import Egress, EgressError, ProxyEnvironment, tls_context, tls_failure
+from .egress import Egress, EgressError, ProxyEnvironment
 from .http1 import ChunkDecoder, malformed_name, parse_fields
+from .tls import tls_context, tls_failure
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 HIGH_WATER = 1 << 20  # pause reading from the upstream above this much unread body
