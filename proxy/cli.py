@@ -97,8 +97,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
 
     shown = f"[{host}]" if ":" in host else host
+    scheme = "https" if config.listen_tls else "http"
     return supervise(
-        sockets, serve, f"signing-proxy listening on http://{shown}:{sockets[0].getsockname()[1]} ({count} workers)"
+        sockets, serve, f"signing-proxy listening on {scheme}://{shown}:{sockets[0].getsockname()[1]} ({count} workers)"
     )
 
 
@@ -149,6 +150,13 @@ def cmd_check(args: argparse.Namespace) -> int:
             f"  route {route.path_prefix} -> {route.upstream} [{route.auth}, {route.service}, "
             f"{route.resolved_region or '-'}] credentials: {route.credentials if route.auth != 'none' else '-'}"
         )
+        if route.auth == "sigv4":
+            print(f"    region {route.resolved_region} from {route.region_source}")
+        via = route.egress.proxy_for(*route.upstream_address) if route.egress else None
+        if via is not None:
+            print(f"    connects through egress proxy {via}")
+        if route.upstream_scheme == "https":
+            print(f"    trusts {route.trusted_cas}")
 
     async def probe(name: str) -> str:
         provider = providers[name]

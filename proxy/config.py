@@ -13,6 +13,7 @@ import ipaddress
 import math
 import os
 import re
+import ssl
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -25,11 +26,15 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
 )
 
+from . import awsenv
+from .http.egress import Egress, ProxyEnvironment, ProxyURL
+from .http.tls import tls_context
 from .signing import normalize_path
 
 
@@ -308,6 +313,15 @@ class Route(_Frozen):
     idle_timeout: Duration | None = None
     websocket_signing: Literal["headers", "query"] = "headers"
     cors: Cors | None = None  # replaces the top-level cors for this route
+    # How connections leave (see docs/networks.md); defaults follow the AWS CLI's environment.
+    egress_proxy: str | None = Field(default=None, repr=False)  # http://[user:pass@]host:port, or "none"
+    ca_bundle: str | None = None  # default: AWS_CA_BUNDLE, the profile's ca_bundle, the system's CAs
+    client_cert: str | None = None  # mutual TLS (API Gateway custom domains)
+    client_key: str | None = None
+    client_key_password: str | None = Field(default=None, repr=False)
+    _environment_region: awsenv.Setting | None = PrivateAttr(default=None)  # set by Config
+    _egress: Egress | None = PrivateAttr(default=None)  # set by Config
+    _ca_bundle: awsenv.Setting | None = PrivateAttr(default=None)  # the bundle in use and where it was set
 
     @field_validator("path_prefix")
     @classmethod
@@ -332,10 +346,20 @@ class Route(_Frozen):
             raise ValueError(f"expected a port from 1 to 65535 in {value!r}")
         return value
 
+    @field_validator("egress_proxy")
+    @classmethod
+    def _egress_proxy(cls, value: str | None) -> str | None:
+        if value is not None and value != "none":
+            try:
+                ProxyURL.parse(value)
+            except ValueError as error:
+                raise ValueError(f"{error}; or none for direct connections") from None
+        return value
+
     @model_validator(mode="after")
-    def _region(self) -> Route:
-        if self.auth == "sigv4" and not self.resolved_region:
-            raise ValueError(f"region: cannot be read from the host {self.upstream_host!r}; set region explicitly")
+    def _client_key(self) -> Route:
+        if (self.client_key or self.client_key_password) and not self.client_cert:
+            raise ValueError("client_cert: expected a certificate file beside client_key")
         return self
 
     @cached_property
@@ -374,14 +398,60 @@ class Route(_Frozen):
 
     @cached_property
     def resolved_region(self) -> str | None:
-        return self.region or region_from_host(urlsplit(self.upstream).hostname or "")
+        region = self.region or region_from_host(urlsplit(self.upstream).hostname or "")
+        return region or (self._environment_region.value if self._environment_region else None)
+
+    @property
+    def region_source(self) -> str:
+        """Where ``resolved_region`` came from, for ``check``."""
+        if self.region:
+            return "the route's region"
+        if region_from_host(urlsplit(self.upstream).hostname or ""):
+            return "host name"
+        return self._environment_region.source if self._environment_region else "-"
+
+    @property
+    def trusted_cas(self) -> str:
+        """Which CAs this route trusts, for ``check``."""
+        if self._ca_bundle is None:
+            return "the system's CAs (or SSL_CERT_FILE)"
+        return f"{self._ca_bundle.value} from {self._ca_bundle.source}"
+
+    @property
+    def egress(self) -> Egress | None:
+        """How this route's connections are opened (TLS, forward proxy); set when the Config is validated."""
+        return self._egress
 
 
 # ---------------------------------------------------------------- whole file
 
 
+class ListenTls(_Frozen):
+    """HTTPS on the listen address, for clients that refuse plain HTTP (browsers' mixed content, strict SDKs)."""
+
+    cert: str  # PEM: the certificate (and its chain; the key too when ``key`` is not set)
+    key: str | None = None
+    _context: ssl.SSLContext | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _load(self) -> ListenTls:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            context.load_cert_chain(_path(self.cert), _path(self.key))
+        except (OSError, ValueError) as error:
+            raise ValueError(f"cert: cannot load the certificate and key ({self.cert!r}): {_why(error)}") from None
+        self._context = context
+        return self
+
+    @property
+    def context(self) -> ssl.SSLContext:
+        assert self._context is not None
+        return self._context
+
+
 class Config(_Frozen):
     listen: Listen = ("127.0.0.1", 8080)
+    listen_tls: ListenTls | None = None  # serve HTTPS on listen with this certificate
     admin_listen: Listen | None = None  # /healthz, /readyz, /metrics; off unless set
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
@@ -421,7 +491,69 @@ class Config(_Frozen):
         for prefix in prefixes:
             if prefixes.count(prefix) > 1:
                 raise ValueError(f"routes: path_prefix {prefix!r} appears more than once")
+        self._environment()
         return self
+
+    def _environment(self) -> None:
+        """Fill in what routes leave to the environment, as the AWS CLI would: region, CA bundle, proxy."""
+        try:
+            proxies = ProxyEnvironment.read()
+        except ValueError as error:
+            raise ValueError(f"environment {error}") from None
+        shared: dict[tuple[Any, ...], Egress] = {}
+        looked_up: dict[tuple[str, str | None], awsenv.Setting | None] = {}  # a botocore session each: once
+
+        def setting(name: str, profile: str | None) -> awsenv.Setting | None:
+            if (name, profile) not in looked_up:
+                looked_up[name, profile] = awsenv.region(profile) if name == "region" else awsenv.ca_bundle(profile)
+            return looked_up[name, profile]
+
+        for index, route in enumerate(self.routes):
+            source = self.credentials.get(route.credentials)
+            profile = source.profile if isinstance(source, ProfileSource) else None
+            if route.auth == "sigv4" and not route.region and not region_from_host(route.upstream_address[1]):
+                route._environment_region = setting("region", profile)
+                if route._environment_region is None:
+                    raise ValueError(
+                        f"routes.{index}.region: cannot be read from the host {route.upstream_host!r}, and neither "
+                        "AWS_REGION, AWS_DEFAULT_REGION nor the profile's region is set; set region explicitly"
+                    )
+            bundle = route.ca_bundle or None
+            bundle_source = f"routes.{index}.ca_bundle"
+            route._ca_bundle = awsenv.Setting(bundle, "the route's ca_bundle") if bundle else None
+            if bundle is None and (found := setting("ca_bundle", profile)) is not None:
+                bundle, bundle_source = found.value, f"ca_bundle from {found.source}"
+                route._ca_bundle = found
+            settings = (bundle, route.client_cert, route.client_key, route.client_key_password, route.egress_proxy)
+            if settings not in shared:
+                shared[settings] = self._egress(index, route, bundle, bundle_source, proxies)
+            route._egress = shared[settings]
+
+    def _egress(
+        self, index: int, route: Route, bundle: str | None, bundle_source: str, proxies: ProxyEnvironment
+    ) -> Egress:
+        where = f"routes.{index}"
+        try:
+            tls = tls_context(_path(bundle))
+        except (OSError, ValueError) as error:  # ssl.SSLError is an OSError
+            raise ValueError(f"{bundle_source}: cannot load CA certificates from {bundle!r}: {_why(error)}") from None
+        if route.client_cert:
+            try:
+                tls.load_cert_chain(
+                    _path(route.client_cert), _path(route.client_key), password=route.client_key_password or None
+                )
+            except (OSError, ValueError) as error:  # the password is never in the message
+                raise ValueError(
+                    f"{where}.client_cert: cannot load the certificate and key ({route.client_cert!r}, "
+                    f"{route.client_key or 'in the same file'!r}): {_why(error)}; a wrong client_key_password "
+                    "shows as a PEM error"
+                ) from None
+        proxy: ProxyURL | ProxyEnvironment | None = proxies
+        if route.egress_proxy == "none":
+            proxy = None
+        elif route.egress_proxy:
+            proxy = ProxyURL.parse(route.egress_proxy)  # checked by the field validator
+        return Egress(tls, proxy, self.listen)
 
     def _check_chain(self, name: str, source: AssumeRoleSource, names: set[str]) -> None:
         seen = [name]
@@ -441,6 +573,16 @@ class Config(_Frozen):
 
     def source(self, name: str) -> SourceConfig:
         return self.credentials.get(name) or DefaultChainSource(type="default")
+
+
+def _path(value: str | None) -> str | None:
+    """A file setting with ``~`` expanded, so ``~/.config/...`` works in YAML as in a shell."""
+    return os.path.expanduser(value) if value else None
+
+
+def _why(error: Exception) -> str:
+    """A file error's cause without its arguments: an OSError's text, an SSLError's OpenSSL reason."""
+    return str(getattr(error, "strerror", None) or getattr(error, "reason", None) or type(error).__name__)
 
 
 def _format_errors(error: ValidationError) -> str:

@@ -273,7 +273,7 @@ class Forwarder:
         try:
             upstream = await self.pool.request(
                 method, route.upstream_address, target, headers.items(), body,
-                connect_timeout=timeouts.connect, first_byte_timeout=timeouts.first_byte,
+                connect_timeout=timeouts.connect, first_byte_timeout=timeouts.first_byte, egress=route.egress,
             )  # fmt: skip
         except (ConnectTimeout, FirstByteTimeout) as error:
             advice = "raise the route's connect_timeout" if isinstance(error, ConnectTimeout) else (

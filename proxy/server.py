@@ -57,7 +57,7 @@ class ProxyServer:
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self.config.listen_tls else 'http'}://{host}:{self.port}"
 
     async def _dispatch(self, request: Request) -> None:
         assert self.forwarder is not None
@@ -73,11 +73,12 @@ class ProxyServer:
             upgrade=self.upgrades.protocol,
         )
         loop = asyncio.get_running_loop()
+        tls = self.config.listen_tls.context if self.config.listen_tls else None
         if self._sock is not None:
-            self._listener = await loop.create_server(self.front, sock=self._sock, backlog=LISTEN_BACKLOG)
+            self._listener = await loop.create_server(self.front, sock=self._sock, backlog=LISTEN_BACKLOG, ssl=tls)
         else:
             self._listener = await loop.create_server(
-                self.front, self.host, self.port, reuse_address=True, backlog=LISTEN_BACKLOG
+                self.front, self.host, self.port, reuse_address=True, backlog=LISTEN_BACKLOG, ssl=tls
             )
         self.port = self._listener.sockets[0].getsockname()[1]
         self.metrics.watch(lambda: self.providers)
@@ -151,8 +152,12 @@ class ProxyServer:
 
     def reload(self, config: Config) -> None:
         """Serve ``config`` from now on. Sources whose settings did not change keep their credentials."""
-        if config.listen != self.config.listen or config.admin_listen != self.config.admin_listen:
-            log.warning("reload: listen and admin_listen changes take effect only after a restart")
+        if (config.listen, config.admin_listen, config.listen_tls) != (
+            self.config.listen,
+            self.config.admin_listen,
+            self.config.listen_tls,
+        ):
+            log.warning("reload: listen, listen_tls and admin_listen changes take effect only after a restart")
         fresh = build_providers(config)
         for name in fresh:
             if name in self.providers and source_chain(self.config, name) == source_chain(config, name):

@@ -36,7 +36,7 @@ import hashlib
 import hmac
 import logging
 import re
-import socket
+import ssl
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -51,8 +51,10 @@ from websockets.typing import Subprotocol
 from . import signing
 from .config import Route
 from .credentials import CredentialsUnavailable
+from .http.egress import Egress, EgressError, Opened, ProxyEnvironment
 from .http.front import Refusal, error_body
 from .http.http1 import hop_by_hop
+from .http.tls import tls_context, tls_failure
 from .http.upstream import connect_failure
 from .ops.logs import Exchange
 from .routing import Match
@@ -291,15 +293,17 @@ async def relay_websocket(
     timeouts = route.timeouts
     opening = time.monotonic()
     try:
-        sock = await open_socket(route, timeouts.connect)
+        opened = await open_socket(route, timeouts.connect)
     except TimeoutError:
         return error_response(
             504, f"cannot connect to {host} within {timeouts.connect:g}s (connect_timeout)", "upstream_timeout"
         )
+    except EgressError as error:
+        return error_response(502, f"{host}: {error}", error.reason)
     except OSError as error:
         return error_response(502, f"{host}: cannot connect ({connect_failure(error)})", "upstream_unreachable")
     try:
-        upstream = await _handshake(url, sock, headers, offered, timeouts.first_byte)
+        upstream = await _handshake(url, opened, headers, offered, timeouts.first_byte)
     except InvalidStatus as refused:
         log.info("%s refused the WebSocket upgrade with %d", host, refused.response.status_code)
         return refusal_response(refused.response)
@@ -312,6 +316,9 @@ async def relay_websocket(
         )
     except InvalidHandshake as error:
         return error_response(502, f"{host} answered the WebSocket upgrade wrongly: {error}", "upstream_bad_response")
+    except ssl.SSLError as error:
+        failure = tls_failure(error, route.upstream_address[1])
+        return error_response(502, f"{host}: {failure}", failure.reason)
     except OSError as error:
         return error_response(502, f"{host}: connection failed ({connect_failure(error)})", "upstream_error")
 
@@ -344,42 +351,28 @@ async def relay_websocket(
     return client
 
 
-async def open_socket(route: Route, timeout: float) -> socket.socket:
-    """A TCP connection to the route's upstream, made within ``timeout`` (its connect phase).
+async def open_socket(route: Route, timeout: float) -> Opened:
+    """A TCP connection to the route's upstream (or a tunnel through its egress proxy), within ``timeout``.
 
     Made here rather than by the websockets client so that connecting and the
     upgrade exchange each get their own deadline (``connect_timeout``,
-    ``first_byte_timeout``), as for HTTP. Addresses are tried in resolver order.
+    ``first_byte_timeout``), as for HTTP.
     """
-    _, host, port = route.upstream_address
-    loop = asyncio.get_running_loop()
+    scheme, host, port = route.upstream_address
+    egress = route.egress or Egress(tls_context(), ProxyEnvironment.read())
     async with asyncio.timeout(timeout):
-        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        failure = OSError(f"{host} has no address")
-        for family, kind, proto, _, address in infos:
-            sock = socket.socket(family, kind, proto)
-            try:
-                sock.setblocking(False)
-                await loop.sock_connect(sock, address)
-            except OSError as error:
-                sock.close()
-                failure = error
-                continue
-            except BaseException:
-                sock.close()
-                raise
-            return sock
-        raise failure
+        return await egress.open(scheme, host, port, tunnel=True)
 
 
 async def _handshake(
-    url: str, sock: socket.socket, headers: CIMultiDict[str], subprotocols: list[Subprotocol], timeout: float
+    url: str, opened: Opened, headers: CIMultiDict[str], subprotocols: list[Subprotocol], timeout: float
 ) -> ClientConnection:
-    """The upstream WebSocket over ``sock`` (closed if the upgrade fails); TLS and upgrade within ``timeout``."""
+    """The upstream WebSocket over ``opened`` (closed if the upgrade fails); TLS and upgrade within ``timeout``."""
     try:
         return await connect(
             url,
-            sock=sock,
+            sock=opened.sock,
+            ssl=opened.tls,
             additional_headers=list(headers.items()),
             subprotocols=subprotocols or None,
             compression=None,  # no per-connection zlib state; the relay stays byte-for-byte
@@ -392,7 +385,7 @@ async def _handshake(
             user_agent_header=None,  # the client's User-Agent, if any, is passed on instead
         )
     except BaseException:
-        sock.close()
+        opened.sock.close()
         raise
 
 

@@ -13,8 +13,14 @@ import pytest
 os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
 os.environ.setdefault("AWS_CONFIG_FILE", os.devnull)
 os.environ.setdefault("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
-for _name in ("AWS_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+# Nor a region, CA bundle or forward proxy from the shell that runs the tests (loopback upstreams go
+# through HTTP_PROXY too, as with curl, unless NO_PROXY lists them).
+for _name in ("AWS_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION",
+              "AWS_DEFAULT_REGION", "AWS_CA_BUNDLE", "SSL_CERT_FILE"):  # fmt: skip
     os.environ.pop(_name, None)
+for _name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+    os.environ.pop(_name, None)
+    os.environ.pop(_name.upper(), None)
 
 from proxy.config import parse_config  # noqa: E402
 from proxy.server import ProxyServer  # noqa: E402

@@ -17,6 +17,7 @@ import yaml
 
 from proxy.cli import parser as cli_parser
 from proxy.config import parse_config
+from tests.support.tls import Pki
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -109,7 +110,7 @@ def test_the_docs_show_configs_at_all() -> None:
 
 @pytest.mark.parametrize(("page", "document"), CONFIG_SNIPPETS, ids=[p for p, _ in CONFIG_SNIPPETS])
 def test_every_documented_config_snippet_loads(
-    page: str, document: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+    page: str, document: dict[str, Any], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     text = yaml.safe_dump(document)
     for name in re.findall(r"\$\{(\w+)", text):  # ${VAR} placeholders get a plausible value
@@ -125,4 +126,17 @@ def test_every_documented_config_snippet_loads(
         credentials.setdefault(route.get("credentials", "default"), {"type": "default"})
     credentials.pop("default", None)
     document["credentials"] = credentials
-    parse_config(document)
+    parse_config(with_test_certificates(document, tmp_path))
+
+
+def with_test_certificates(document: dict[str, Any], directory: Path) -> dict[str, Any]:
+    """The snippet with its certificate and key paths (which exist only on the reader's machine) made here."""
+    pki = Pki.make(directory)
+    client_cert, client_key = pki.client(password=b"placeholder-value")  # ${CLIENT_KEY_PASSWORD} above
+    server = pki.ca.issue_cert("localhost")
+    server.private_key_and_cert_chain_pem.write_to_path(str(directory / "server.pem"))
+    made = {"ca_bundle": pki.ca_file, "client_cert": client_cert, "client_key": client_key}
+    routes = [{**r, **{k: str(made[k]) for k in made if k in r}} for r in document["routes"]]
+    if "listen_tls" in document:
+        document = {**document, "listen_tls": {"cert": str(directory / "server.pem")}}
+    return {**document, "routes": routes}

@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "proxy"
 # Bottom to top. A module may import its own unit (the same subpackage or module) and units of lower
 # layers only. ``http`` is an HTTP/1.1 library that happens to live here; ``signing`` is pure.
 LAYERS: list[set[str]] = [
-    {"proxy.signing", "proxy.http"},
+    {"proxy.signing", "proxy.http", "proxy.awsenv"},
     {"proxy.config", "proxy.ops.logs", "proxy.ops.workers", "proxy.demo"},
     {"proxy.credentials", "proxy.routing", "proxy.ops.metrics", "proxy.cors"},
     {"proxy.forwarding"},
@@ -30,6 +30,7 @@ LAYERS: list[set[str]] = [
 FORBIDDEN_PREFIXES = {
     "proxy.http": ("proxy.",),  # beyond proxy.http itself
     "proxy.signing": ("proxy.",),
+    "proxy.awsenv": ("proxy.",),
     "proxy.credentials": ("proxy.http", "proxy.forwarding"),
 }
 

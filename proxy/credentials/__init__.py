@@ -70,4 +70,4 @@ def make_provider(name: str, source: Any, providers: dict[str, Provider]) -> Pro
         return cognito_provider(name, source)
     else:  # pragma: no cover - the config schema admits nothing else
         raise TypeError(f"unknown credentials type {type(source).__name__}")
-    return Provider(name, chain.kind, Refreshing(chain.fetch, name=name))
+    return Provider(name, chain.kind, Refreshing(chain.fetch, name=name, changed=chain.changed))

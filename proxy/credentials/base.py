@@ -28,6 +28,10 @@ from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 log = logging.getLogger("signing_proxy.credentials")
 
+# Seconds between looks at a healthy source's files (a stat costs microseconds: not on every request).
+# While the source is failing (an expired SSO session), every request looks, so a fix is seen at once.
+CHANGE_CHECK_EVERY = 1.0
+
 # Own pool, so a slow STS or Cognito cannot starve the loop's default executor.
 _BLOCKING_POOL = ThreadPoolExecutor(max_workers=16, thread_name_prefix="aws-call")
 
@@ -78,6 +82,10 @@ class CredentialSource(ABC):
     async def fetch(self) -> AwsCredentials:
         """Do the exchange once; raise ``CredentialsUnavailable`` with a safe message."""
 
+    def changed(self) -> bool:
+        """True when what ``fetch`` returned is known to be out of date (the files it read were rewritten)."""
+        return False
+
 
 T = TypeVar("T", bound=Expiring)
 
@@ -110,8 +118,11 @@ class Refreshing(Generic[T]):
         clock: Callable[[], float] = time.time,
         min_backoff: float = 0.5,
         max_backoff: float = 30.0,
+        changed: Callable[[], bool] | None = None,
     ) -> None:
         self._fetch = fetch
+        self._changed = changed
+        self._change_check_at = 0.0
         self.name = name
         self._clock = clock
         self._min_backoff = min_backoff
@@ -157,6 +168,10 @@ class Refreshing(Generic[T]):
     async def get(self) -> T:
         now = self._clock()
         stage = self._stage(now)
+        if self._changed is not None and (self._error is not None or now >= self._change_check_at):
+            self._change_check_at = now + CHANGE_CHECK_EVERY
+            if self._changed():
+                stage, self._next_attempt = "mandatory", 0.0  # new files: load them now, whatever the backoff
         if stage == "fresh":
             return self._value  # type: ignore[return-value]
         in_backoff = now < self._next_attempt

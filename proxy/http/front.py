@@ -563,8 +563,13 @@ class Connection(asyncio.Protocol):
             self.transport.write(data)
 
     def output_idle(self) -> bool:
-        """Nothing written is still waiting to be sent (so the socket may be written directly)."""
-        return self.transport is not None and self.transport.get_write_buffer_size() == 0
+        """Nothing written is still waiting to be sent (so the socket may be written directly; never under TLS)."""
+        transport = self.transport
+        return (
+            transport is not None
+            and transport.get_write_buffer_size() == 0
+            and not transport.get_extra_info("ssl_object")
+        )
 
     def writelines(self, data: tuple[bytes, ...]) -> None:
         if self.transport is not None:

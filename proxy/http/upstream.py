@@ -25,7 +25,9 @@ from collections.abc import Iterable
 
 from multidict import CIMultiDict
 
+from .egress import Egress, EgressError, ProxyEnvironment
 from .http1 import ChunkDecoder, malformed_name, parse_fields
+from .tls import tls_context, tls_failure
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 HIGH_WATER = 1 << 20  # pause reading from the upstream above this much unread body
@@ -44,21 +46,24 @@ class UpstreamError(Exception):
 class ConnectError(UpstreamError):
     reason = "upstream_unreachable"
 
+    @classmethod
+    def because(cls, error: EgressError) -> ConnectError:
+        """A ``ConnectError`` carrying an egress failure's message and reason (proxy refused, TLS, ...)."""
+        failure = cls(str(error))
+        failure.reason = error.reason
+        return failure
+
 
 class ConnectTimeout(UpstreamError):
     reason = "upstream_connect_timeout"
 
 
 def connect_failure(error: OSError) -> str:
-    """Why a connection (or its TLS handshake) failed, in a few words: refused, DNS, TLS, unreachable, ...
+    """Why a connection failed, in a few words: refused, DNS, unreachable, ... (TLS: ``tls.tls_failure``).
 
     asyncio words a refusal as "Connect call failed ('10.0.0.1', 443)", once per address tried, and
     the caller already names the address: only the reason is kept.
     """
-    if isinstance(error, ssl.SSLCertVerificationError):
-        return f"TLS certificate not accepted: {error.verify_message}"
-    if isinstance(error, ssl.SSLError):
-        return f"TLS handshake failed: {(error.reason or str(error)).replace('_', ' ').lower()}"
     if isinstance(error, socket.gaierror):
         return f"DNS lookup failed: {error.strerror}"
     codes = {error.errno} if error.errno else {int(code) for code in _ERRNO(str(error))}
@@ -91,9 +96,11 @@ class BodyCut(UpstreamError):
 class _Connection(asyncio.Protocol):
     """One upstream connection; parses responses and buffers body bytes for the reader."""
 
-    def __init__(self, pool: Pool, key: tuple[str, str, int]) -> None:
+    def __init__(self, pool: Pool, key: Slot) -> None:
         self.pool = pool
         self.key = key
+        self.absolute_form = ""  # plain HTTP through an egress proxy: prefix of every request target
+        self.proxy_headers: tuple[tuple[str, str], ...] = ()
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.response: UpstreamResponse | None = None
@@ -141,6 +148,9 @@ class _Connection(asyncio.Protocol):
             self.idle_handle.cancel()
         response, self.response = self.response, None  # no cycle left behind (see front.connection_lost)
         if response is not None:
+            if isinstance(exc, ssl.SSLError) and not response.received_any:
+                # TLS 1.3: a server refuses a client certificate after the handshake, on the first read.
+                response.fail(ConnectError.because(tls_failure(exc, self.key[1])))
             response.connection_lost()
 
     # ------------------------------------------------------------ used by the pool and the response
@@ -386,18 +396,23 @@ class UpstreamResponse:
             connection._abort()
 
 
+Slot = tuple[str, str, int, "Egress | None"]  # scheme, host, port, and how connections are opened
+
+
 class Pool:
-    """Keep-alive connections per (scheme, host, port)."""
+    """Keep-alive connections per (scheme, host, port, egress settings)."""
 
     def __init__(self, ssl_context: ssl.SSLContext | None = None) -> None:
-        self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
+        self._idle: dict[Slot, list[_Connection]] = {}
         self._ssl = ssl_context
+        self._default: Egress | None = None
         self._all: set[_Connection] = set()
 
-    def _ssl_context(self) -> ssl.SSLContext:
-        if self._ssl is None:
-            self._ssl = ssl.create_default_context()
-        return self._ssl
+    def _default_egress(self) -> Egress:
+        """For requests that name no egress: the environment's proxy, the system's CAs."""
+        if self._default is None:
+            self._default = Egress(self._ssl or tls_context(), ProxyEnvironment.read())
+        return self._default
 
     def park(self, connection: _Connection) -> None:
         self._idle.setdefault(connection.key, []).append(connection)
@@ -410,7 +425,7 @@ class Pool:
         if idle and connection in idle:
             idle.remove(connection)
 
-    def _take_idle(self, key: tuple[str, str, int]) -> _Connection | None:
+    def _take_idle(self, key: Slot) -> _Connection | None:
         idle = self._idle.get(key)
         while idle:
             connection = idle.pop()
@@ -421,22 +436,28 @@ class Pool:
                 return connection
         return None
 
-    async def _connect(self, key: tuple[str, str, int], timeout: float) -> _Connection:
-        scheme, host, port = key
+    async def _connect(self, key: Slot, timeout: float) -> _Connection:
+        scheme, host, port, egress = key
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(timeout):
+                # ``open`` closes its socket if it fails; once handed over, the loop closes it on failure.
+                opened = await (egress or self._default_egress()).open(scheme, host, port)
                 _, connection = await loop.create_connection(
                     lambda: _Connection(self, key),
-                    host,
-                    port,
-                    ssl=self._ssl_context() if scheme == "https" else None,
-                    server_hostname=host if scheme == "https" else None,
+                    sock=opened.sock,
+                    ssl=opened.tls,
+                    server_hostname=host if opened.tls else None,
                 )
         except TimeoutError:
             raise ConnectTimeout(f"cannot connect within {timeout:g}s") from None
+        except EgressError as error:
+            raise ConnectError.because(error) from None
+        except ssl.SSLError as error:
+            raise ConnectError.because(tls_failure(error, host)) from None
         except OSError as error:  # the caller names the upstream: the message says only why
             raise ConnectError(f"cannot connect ({connect_failure(error)})") from None
+        connection.absolute_form, connection.proxy_headers = opened.absolute_form, opened.proxy_headers
         self._all.add(connection)
         return connection
 
@@ -450,30 +471,34 @@ class Pool:
         *,
         connect_timeout: float,
         first_byte_timeout: float,
+        egress: Egress | None = None,
     ) -> UpstreamResponse:
         """Send one request; return once the response headers have arrived.
 
         Each phase has its own deadline: connecting, then waiting for the
         response headers once the request is sent. Raises ``UpstreamError``
         subclasses, ``ConnectTimeout`` and ``FirstByteTimeout`` included.
+        ``egress`` says how new connections are opened (default: the
+        environment's proxy settings and the system's CAs).
         """
-        lines = [f"{method} {target} HTTP/1.1\r\n"]
-        lines += [f"{name}: {value}\r\n" for name, value in headers]
-        lines.append("\r\n")
-        head = "".join(lines).encode("utf-8", "surrogateescape")  # header bytes as the client sent them
+        head = _head(method, target, headers)
+        slot: Slot = (*key, egress)
         # Small requests go out in one write; large bodies without being copied into one buffer.
         size = sum(len(part) for part in body)
         message = b"".join((head, *body)) if size < 64 * 1024 else None
         for attempt in (1, 2):
-            connection = self._take_idle(key)
+            connection = self._take_idle(slot)
             reused = connection is not None
             if connection is None:
-                connection = await self._connect(key, connect_timeout)
+                connection = await self._connect(slot, connect_timeout)
             response = UpstreamResponse(connection, method)
             connection.response = response
             transport = connection.transport
             assert transport is not None
-            if message is not None:
+            if connection.absolute_form:  # through a forward proxy (rare): the head names the upstream
+                proxied = _head(method, connection.absolute_form + target, [*headers, *connection.proxy_headers])
+                transport.writelines((proxied, *body))
+            elif message is not None:
                 transport.write(message)
             else:
                 transport.writelines((head, *body))
@@ -501,3 +526,10 @@ class Pool:
             connection._abort()
         self._all.clear()
         self._idle.clear()
+
+
+def _head(method: str, target: str, headers: Iterable[tuple[str, str]]) -> bytes:
+    lines = [f"{method} {target} HTTP/1.1\r\n"]
+    lines += [f"{name}: {value}\r\n" for name, value in headers]
+    lines.append("\r\n")
+    return "".join(lines).encode("utf-8", "surrogateescape")  # header bytes as the client sent them

@@ -13,6 +13,7 @@ import base64
 import datetime
 import hashlib
 import hmac
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -114,8 +115,10 @@ class SigV4Upstream:
         require_signature: bool = True,
         region: str | None = None,
         service: str = "execute-api",
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self._secrets = secrets
+        self.tls = tls  # serve HTTPS with this server context
         self.require_signature = require_signature
         self.region = region
         self.service = service
@@ -131,12 +134,12 @@ class SigV4Upstream:
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.1)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=self.tls)
         await site.start()
         sockets = getattr(site._server, "sockets", None)  # the port actually bound for port 0
         assert sockets, "the upstream did not bind a socket"
         port = sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
+        self.url = f"{'https' if self.tls else 'http'}://127.0.0.1:{port}"
 
     async def close(self) -> None:
         if self._runner is not None:
