@@ -1,4 +1,4 @@
-"""Command line: ``signing-proxy run | demo | check | login``.
+"""Command line: ``signing-proxy run | demo | check | ca | login``.
 
 Turns arguments into a validated ``Config`` and hands it to the server. A bad
 configuration is reported (every problem, one a line) and exits with status 2
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shlex
 import socket
 import sys
 import time
@@ -22,25 +23,40 @@ EXIT_CONFIG = 2
 
 
 def quick_config(args: argparse.Namespace) -> dict[str, Any]:
-    """A config from ``run --upstream URL ...`` flags."""
-    route: dict[str, Any] = {"path_prefix": "/", "upstream": args.upstream, "service": args.service}
-    data: dict[str, Any] = {"routes": [route]}
-    if args.region:
-        route["region"] = args.region
-    if args.profile:
+    """A config from ``run --upstream URL ...`` / ``--forward PATTERN`` flags."""
+    data: dict[str, Any] = {}
+    route: dict[str, Any] = {}
+    if getattr(args, "upstream", None):
+        route = {"path_prefix": "/", "upstream": args.upstream, "service": args.service}
+        data["routes"] = [route]
+        if args.region:
+            route["region"] = args.region
+    if getattr(args, "profile", None):
         data["credentials"] = {"profile": {"type": "profile", "profile": args.profile}}
         route["credentials"] = "profile"
+    if getattr(args, "forward", None):
+        credentials = {"credentials": "profile"} if getattr(args, "profile", None) else {}
+        data["forward"] = {"hosts": [{"host": pattern, **credentials} for pattern in args.forward]}
     return data
 
 
 def load(args: argparse.Namespace) -> Config:
     if getattr(args, "config", None):
         config = load_config(args.config)
-    elif getattr(args, "upstream", None):
-        config = parse_config(quick_config(args))
+    elif getattr(args, "upstream", None) or getattr(args, "forward", None):
+        return with_overrides(parse_config(quick_config(args)), args, {})
     else:
-        raise ConfigError("give --config FILE, or --upstream URL for a quick start")
-    overrides: dict[str, Any] = {}
+        raise ConfigError("give --config FILE, or --upstream URL / --forward PATTERN for a quick start")
+    extra: dict[str, Any] = {}
+    if getattr(args, "forward", None):  # added to the file's forward hosts
+        forward = config.forward.model_dump(mode="json", exclude_unset=True)
+        forward["hosts"] = [*forward.get("hosts", []), *({"host": pattern} for pattern in args.forward)]
+        extra["forward"] = forward
+    return with_overrides(config, args, extra)
+
+
+def with_overrides(config: Config, args: argparse.Namespace, overrides: dict[str, Any]) -> Config:
+    """``config`` with the command line's ``--listen`` / ``--log-level`` (and ``overrides``) applied."""
     if getattr(args, "listen", None):
         overrides["listen"] = args.listen
     if getattr(args, "log_level", None):
@@ -72,6 +88,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         run_loop(serve_forever(ProxyServer(config), reload=reload))
         return 0
+
+    if config.forward.hosts:  # made (or issued again) once, here, rather than by the workers in a race
+        from .ca import CAError, CertificateAuthority
+
+        try:
+            CertificateAuthority.open(config.forward.ca, config.forward.suffixes)
+        except CAError as error:
+            raise ConfigError(f"forward.ca: {error}") from None
 
     from .ops.workers import bind_sockets, supervise, use_multiprocess_metrics
 
@@ -157,6 +181,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"    connects through egress proxy {via}")
         if route.upstream_scheme == "https":
             print(f"    trusts {route.trusted_cas}")
+    print("\n".join(forward_lines(config)))
 
     async def probe(name: str) -> str:
         provider = providers[name]
@@ -178,13 +203,84 @@ def cmd_check(args: argparse.Namespace) -> int:
         return f"  {name} ({provider.kind}): OK {identity}; {_when(status.get('expires_at'))}"
 
     async def probe_all() -> list[str]:
-        used = sorted({r.credentials for r in config.routes if r.auth != "none"})
+        used = sorted({r.credentials for r in config.routes if r.auth != "none"} | forward_credentials(config))
         return list(await asyncio.gather(*(probe(name) for name in used)))
 
     lines = asyncio.run(probe_all())
     print("credentials:")
     print("\n".join(lines) if lines else "  (no route needs credentials)")
     return 1 if any("UNAVAILABLE" in line for line in lines) else 0
+
+
+def forward_credentials(config: Config) -> set[str]:
+    keys = [rule.route_keys for rule in config.forward.hosts]
+    return {k.get("credentials", "default") for k in keys if k.get("auth", "sigv4") != "none"}
+
+
+def forward_lines(config: Config) -> list[str]:
+    """What ``check`` says of forward mode: each rule with its credentials, the tunnels, the CA."""
+    forward = config.forward
+    lines = []
+    for rule in forward.hosts:
+        keys = rule.route_keys
+        auth = keys.get("auth", "sigv4")
+        region, service = keys.get("region", "from the host"), keys.get("service", "from the host")
+        credentials = keys.get("credentials", "default") if auth != "none" else "-"
+        via = f" via {keys['connect_to']}" if keys.get("connect_to") else ""
+        lines.append(
+            f"  forward {rule.pattern.text}:{rule.pattern.port} [{auth}, service {service}, region {region}]"
+            f"{via} credentials: {credentials}"
+        )
+    lines += [f"  tunnel {p.text}:{p.port} (passed through unsigned)" for p in forward.tunnel_patterns]
+    if forward.hosts:
+        lines.append(f"  local CA: {forward.ca} for names under {', '.join(forward.suffixes)} (see `signing-proxy ca`)")
+    return lines
+
+
+def cmd_ca(args: argparse.Namespace) -> int:
+    """Create (on first use) or renew the local CA of forward mode; print how clients trust it."""
+    from .ca import CAError, CertificateAuthority
+    from .config import Forward
+
+    setup_logging("error")
+    config = load(args) if args.config or args.forward else None
+    forward = config.forward if config is not None else Forward()
+    try:  # without forward hosts, an existing CA is kept as it is (a running proxy uses it)
+        ca = CertificateAuthority.open(forward.ca, forward.suffixes if forward.hosts else None, renew=args.renew)
+    except CAError as error:
+        print(f"signing-proxy ca: {error}", file=sys.stderr)
+        return 1
+    cert, bundle = shlex.quote(str(ca.cert_path)), shlex.quote(str(ca.bundle_path))
+    exports = {
+        "CURL_CA_BUNDLE": bundle,
+        "REQUESTS_CA_BUNDLE": bundle,
+        "AWS_CA_BUNDLE": bundle,
+        "SSL_CERT_FILE": bundle,
+        "NODE_EXTRA_CA_CERTS": cert,
+    }
+    if args.env:
+        print("\n".join(f"export {name}={value}" for name, value in exports.items()))
+        return 0
+    expires = ca.certificate.not_valid_after_utc.strftime("%Y-%m-%d")
+    host, port = config.listen if config is not None else ("127.0.0.1", 8080)
+    listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    print(
+        f"""local CA certificate: {ca.cert_path}
+  it signs names under {", ".join(ca.suffixes)} only (X.509 name constraints), until {expires}
+  {ca.bundle_path}: the system's trusted CAs plus this one, for variables that replace the system list
+  its key, {ca.key_path}, is readable by you only; the files above hold certificates only
+
+Trust it in each client (`eval "$(signing-proxy ca --env)"` exports the variables):
+  curl               --cacert {cert}  or  CURL_CA_BUNDLE={bundle}
+  Python requests    REQUESTS_CA_BUNDLE={bundle}  (or verify= that path)
+  AWS CLI and SDKs   AWS_CA_BUNDLE={bundle}
+  Node.js            NODE_EXTRA_CA_CERTS={cert}
+  OpenSSL, Python ssl, Ruby, Go  SSL_CERT_FILE={bundle}
+  Postman            Settings > Certificates > CA certificates: {cert}
+  Java               keytool -importcert -cacerts -alias signing-proxy -file {cert}
+then point the client at the proxy: HTTPS_PROXY=http://{listen} (the proxy's listen address)."""
+    )
+    return 0
 
 
 def cmd_health(args: argparse.Namespace) -> int:
@@ -231,6 +327,13 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--region", help="quick start: the signing region (default: read from the host)")
     run.add_argument("--service", default="execute-api", help="quick start: the signing service")
     run.add_argument("--profile", help="quick start: the AWS profile to sign with")
+    run.add_argument(
+        "--forward",
+        action="append",
+        metavar="PATTERN",
+        help="forward mode: sign requests for hosts matching PATTERN (repeatable; * is one DNS label), "
+        "e.g. '*.execute-api.*.amazonaws.com'",
+    )
     run.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     run.set_defaults(handler=cmd_run)
 
@@ -242,6 +345,13 @@ def parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="validate a config and try its credentials")
     check.add_argument("--config", required=True)
     check.set_defaults(handler=cmd_check)
+
+    ca = commands.add_parser("ca", help="the local CA of forward mode: create it, show how to trust it")
+    ca.add_argument("--config", help="YAML configuration file (gives forward.ca and the forward hosts)")
+    ca.add_argument("--forward", action="append", metavar="PATTERN", help="forward hosts, as for run")
+    ca.add_argument("--env", action="store_true", help="print the trust settings as shell exports")
+    ca.add_argument("--renew", action="store_true", help="replace the CA with a new key and certificate")
+    ca.set_defaults(handler=cmd_ca)
 
     health = commands.add_parser("health", help="exit 0 when the admin /healthz answers (for HEALTHCHECK)")
     health.add_argument("--url", default="http://127.0.0.1:9901/healthz")

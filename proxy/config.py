@@ -33,6 +33,7 @@ from pydantic import (
 )
 
 from . import awsenv
+from .hosts import HostPattern, parse_pattern
 from .http.egress import Egress, ProxyEnvironment, ProxyURL
 from .http.tls import tls_context
 from .signing import normalize_path
@@ -322,6 +323,8 @@ class Route(_Frozen):
     _environment_region: awsenv.Setting | None = PrivateAttr(default=None)  # set by Config
     _egress: Egress | None = PrivateAttr(default=None)  # set by Config
     _ca_bundle: awsenv.Setting | None = PrivateAttr(default=None)  # the bundle in use and where it was set
+    connect_to: str | None = None  # dial this http(s)://host:port; Host, TLS name and signature stay upstream's
+    max_body: Size | None = None  # default: the top-level max_body
 
     @field_validator("path_prefix")
     @classmethod
@@ -356,6 +359,13 @@ class Route(_Frozen):
                 raise ValueError(f"{error}; or none for direct connections") from None
         return value
 
+    @field_validator("connect_to")
+    @classmethod
+    def _connect_to(cls, value: str | None) -> str | None:
+        if value is not None and urlsplit(value).path not in ("", "/"):
+            raise ValueError(f"expected http(s)://host[:port] without a path, got {value!r}")
+        return value if value is None else cls._upstream(value)
+
     @model_validator(mode="after")
     def _client_key(self) -> Route:
         if (self.client_key or self.client_key_password) and not self.client_cert:
@@ -387,8 +397,17 @@ class Route(_Frozen):
 
     @cached_property
     def upstream_address(self) -> tuple[str, str, int]:
-        """``(scheme, host, port)``: where connections for this route go."""
+        """``(scheme, host, port)`` of the upstream URL (its host is the TLS server name too)."""
         parts = urlsplit(self.upstream)
+        return parts.scheme, parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+
+    @cached_property
+    def dial_address(self) -> tuple[str, str, int]:
+        """``(scheme, host, port)``: where connections go, ``connect_to`` when set (Host, TLS server name
+        and signature stay the upstream's)."""
+        if not self.connect_to:
+            return self.upstream_address
+        parts = urlsplit(self.connect_to)
         return parts.scheme, parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
 
     @cached_property
@@ -421,6 +440,86 @@ class Route(_Frozen):
     def egress(self) -> Egress | None:
         """How this route's connections are opened (TLS, forward proxy); set when the Config is validated."""
         return self._egress
+
+
+# ---------------------------------------------------------------- forward proxy
+
+# The keys of a route a forward rule may not set: the host it matched gives them.
+_ROUTE_ONLY = frozenset({"path_prefix", "upstream"})
+
+
+class ForwardRule(_Frozen):
+    """``forward.hosts[]``: a host pattern, and any route key but path_prefix and upstream (region and
+    service default to what the matched host name says)."""
+
+    model_config = ConfigDict(frozen=True, extra="allow", hide_input_in_errors=True)
+    host: str
+
+    @cached_property
+    def pattern(self) -> HostPattern:
+        return parse_pattern(self.host)
+
+    @cached_property
+    def route_keys(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+    @cached_property
+    def template(self) -> Route:
+        """The rule's keys as a route (with a stand-in host): checked once, and where the Config puts
+        what the environment adds (egress, CA bundle, region), copied to each host's route."""
+        return Route.model_validate({"upstream": "https://forward.invalid", **self.route_keys})
+
+    @model_validator(mode="after")
+    def _valid(self) -> ForwardRule:
+        try:
+            parse_pattern(self.host)
+        except ValueError as error:
+            raise ValueError(f"host: {error}") from None
+        given = set(self.route_keys) & _ROUTE_ONLY
+        if given:
+            raise ValueError(f"{sorted(given)[0]}: not a forward rule key (the matched host is the upstream)")
+        try:  # the route keys are checked as a route's, with a stand-in host
+            self.template  # noqa: B018
+        except ValidationError as error:
+            raise ValueError(_format_errors(error).replace("\n", "; ")) from None
+        return self
+
+    def route_for(self, host: str, port: int, region: str | None, service: str | None) -> Route:
+        """The route for one host this rule matched; raises ValueError when no region can be found."""
+        keys: dict[str, Any] = {"service": service or "execute-api", "region": region, **self.route_keys}
+        authority = f"{host}:{port}" if port != 443 else host
+        route = Route.model_validate({"upstream": f"https://{authority}", **keys})
+        template = self.template
+        route._egress, route._ca_bundle = template._egress, template._ca_bundle
+        route._environment_region = template._environment_region
+        if route.auth == "sigv4" and not route.resolved_region:
+            raise ValueError(f"region: cannot be read from the host {host!r}")
+        return route
+
+
+class Forward(_Frozen):
+    """``forward:``: hosts signed through the proxy (CONNECT, absolute-form, Host), hosts tunnelled blind."""
+
+    hosts: tuple[ForwardRule, ...] = ()
+    tunnel: tuple[str, ...] = ()
+    ca: str = "~/.config/signing-proxy/ca"
+
+    @field_validator("tunnel")
+    @classmethod
+    def _tunnel(cls, values: tuple[str, ...]) -> tuple[str, ...]:
+        for value in values:
+            parse_pattern(value, allow_ip=True)
+        return values
+
+    @cached_property
+    def tunnel_patterns(self) -> tuple[HostPattern, ...]:
+        return tuple(parse_pattern(value, allow_ip=True) for value in self.tunnel)
+
+    @cached_property
+    def suffixes(self) -> tuple[str, ...]:
+        """What the local CA's name constraints permit: the literal tails of the host patterns."""
+        tails = {rule.pattern.suffix for rule in self.hosts}
+        return tuple(sorted(t for t in tails if not any(t.endswith("." + other) for other in tails)))
 
 
 # ---------------------------------------------------------------- whole file
@@ -462,18 +561,21 @@ class Config(_Frozen):
     inbound_token: str | None = Field(default=None, min_length=16, repr=False)  # Proxy-Authorization: Bearer ...
     credentials: dict[str, SourceConfig] = Field(default_factory=dict)
     cors: Cors | None = None  # for every route without its own; off unless set
-    routes: tuple[Route, ...]
-
-    @field_validator("routes")
-    @classmethod
-    def _some_routes(cls, routes: tuple[Route, ...]) -> tuple[Route, ...]:
-        if not routes:
-            raise ValueError("expected at least one route")
-        return routes
+    routes: tuple[Route, ...] = ()
+    forward: Forward = Field(default_factory=Forward)
 
     @model_validator(mode="after")
     def _references(self) -> Config:
+        if not self.routes and not self.forward.hosts and not self.forward.tunnel:
+            raise ValueError("routes: expected at least one route (or forward hosts)")
         names = set(self.credentials) | {"default"}
+        for index, rule in enumerate(self.forward.hosts):
+            credentials = rule.route_keys.get("credentials", "default")
+            if credentials not in names:
+                raise ValueError(
+                    f"forward.hosts.{index}.credentials: unknown credentials {credentials!r}; "
+                    f"expected one of {sorted(names)}"
+                )
         for index, route in enumerate(self.routes):
             if route.credentials not in names:
                 raise ValueError(
@@ -508,31 +610,33 @@ class Config(_Frozen):
                 looked_up[name, profile] = awsenv.region(profile) if name == "region" else awsenv.ca_bundle(profile)
             return looked_up[name, profile]
 
-        for index, route in enumerate(self.routes):
+        # A forward rule's settings are a template route's, copied to the route of each host it matches.
+        entries = [(f"routes.{index}", route, True) for index, route in enumerate(self.routes)]
+        entries += [(f"forward.hosts.{index}", rule.template, False) for index, rule in enumerate(self.forward.hosts)]
+        for where, route, host_known in entries:
             source = self.credentials.get(route.credentials)
             profile = source.profile if isinstance(source, ProfileSource) else None
             if route.auth == "sigv4" and not route.region and not region_from_host(route.upstream_address[1]):
                 route._environment_region = setting("region", profile)
-                if route._environment_region is None:
+                if route._environment_region is None and host_known:
                     raise ValueError(
-                        f"routes.{index}.region: cannot be read from the host {route.upstream_host!r}, and neither "
+                        f"{where}.region: cannot be read from the host {route.upstream_host!r}, and neither "
                         "AWS_REGION, AWS_DEFAULT_REGION nor the profile's region is set; set region explicitly"
                     )
             bundle = route.ca_bundle or None
-            bundle_source = f"routes.{index}.ca_bundle"
+            bundle_source = f"{where}.ca_bundle"
             route._ca_bundle = awsenv.Setting(bundle, "the route's ca_bundle") if bundle else None
             if bundle is None and (found := setting("ca_bundle", profile)) is not None:
                 bundle, bundle_source = found.value, f"ca_bundle from {found.source}"
                 route._ca_bundle = found
             settings = (bundle, route.client_cert, route.client_key, route.client_key_password, route.egress_proxy)
             if settings not in shared:
-                shared[settings] = self._egress(index, route, bundle, bundle_source, proxies)
+                shared[settings] = self._egress(where, route, bundle, bundle_source, proxies)
             route._egress = shared[settings]
 
     def _egress(
-        self, index: int, route: Route, bundle: str | None, bundle_source: str, proxies: ProxyEnvironment
+        self, where: str, route: Route, bundle: str | None, bundle_source: str, proxies: ProxyEnvironment
     ) -> Egress:
-        where = f"routes.{index}"
         try:
             tls = tls_context(_path(bundle))
         except (OSError, ValueError) as error:  # ssl.SSLError is an OSError
@@ -565,6 +669,15 @@ class Config(_Frozen):
                 raise ValueError(f"credentials.{name}.source: cycle {' -> '.join([*seen, current.source])}")
             seen.append(current.source)
             current = self.credentials.get(current.source)
+
+    @property
+    def largest_body(self) -> int:
+        """The most any route (or forward rule) accepts: what the front buffers at most for one request."""
+        routes = [route.max_body for route in self.routes]
+        rules = [
+            parse_size(rule.route_keys["max_body"]) for rule in self.forward.hosts if "max_body" in rule.route_keys
+        ]
+        return max([self.max_body, *(size for size in routes if size is not None), *rules])
 
     @property
     def worker_count(self) -> int:

@@ -14,6 +14,8 @@ is added: ``upstream`` writes exactly these headers.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import email.utils
 import hmac
 import logging
@@ -26,9 +28,12 @@ from multidict import CIMultiDict
 from . import cors, signing
 from .config import Config, Route
 from .credentials import CredentialsUnavailable, Provider
+from .forward import Allowed, ForwardProxy
+from .hosts import split_authority
 from .http import splice
 from .http.front import BodyTooLarge, Refusal, Request, Response
 from .http.http1 import has_body, hop_by_hop
+from .http.tunnel import Terminate, Tunnel
 from .http.upstream import ConnectTimeout, FirstByteTimeout, Pool, UpstreamError, UpstreamResponse
 from .ops.logs import Exchange, access_log, log_access
 from .ops.metrics import Metrics
@@ -36,6 +41,11 @@ from .routing import Match, Router
 
 log = logging.getLogger("signing_proxy.forwarding")
 
+# What a 407 offers: a bearer token, or Basic with the token as the password (a proxy URL's user:password).
+CHALLENGES = (
+    ("Proxy-Authenticate", 'Bearer realm="signing-proxy"'),
+    ("Proxy-Authenticate", 'Basic realm="signing-proxy"'),
+)
 # Methods whose requests carry a length even when empty (servers may insist on one).
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 # Set by us from what we actually send; whatever the client had is dropped.
@@ -80,26 +90,30 @@ class Forwarder:
         providers: dict[str, Provider],
         pool: Pool,
         metrics: Metrics | None = None,
+        forward: ForwardProxy | None = None,
     ) -> None:
         self.config = config
         self.metrics = metrics
         self.router = Router(config.routes)
+        self.forward = forward or ForwardProxy(config.forward, None)
         self.providers = providers
         self.pool = pool
         self.clock_offset = 0.0  # seconds to add to our clock when signing (skew correction)
         self.cors, self.route_cors = cors.policies(config)
+        self._route_ids = {id(route) for route in config.routes}  # the rest are forward hosts' routes
 
     # ------------------------------------------------------------ request side
 
-    def resolve(self, raw_target: str, headers: Any, exchange: Exchange) -> tuple[Match, str]:
-        """The route and raw query of a request, after the inbound token check; raises ``Refusal``."""
-        if self.config.inbound_token and not self._inbound_authorized(headers):
-            raise Refusal(
-                "send Proxy-Authorization: Bearer <inbound_token> to use this proxy",
-                407,
-                "proxy_authentication_required",
-                (("Proxy-Authenticate", 'Bearer realm="signing-proxy"'),),
-            )
+    def resolve(
+        self, raw_target: str, headers: Any, exchange: Exchange, tunnel: str | None = None
+    ) -> tuple[Match, str]:
+        """The route and raw query of a request, after the inbound token check; raises ``Refusal``.
+
+        ``tunnel``: the host:port of the CONNECT the request came through (its
+        token was checked then); the request is for that host, whatever it says.
+        """
+        if tunnel is None:
+            self._check_inbound(headers)
         target = request_target(raw_target)
         if target is None:
             raise Refusal(
@@ -109,16 +123,69 @@ class Forwarder:
         raw_path, _, raw_query = target.partition("?")
         wire_path = signing.normalize_path(raw_path)
         exchange.path = wire_path
-        match = self.router.match(wire_path)
+        allowed = self._forward_host(raw_target, tunnel)
+        match = self.router.match(wire_path) if allowed is None else Match(allowed.route, wire_path)
+        if match is None and self.forward.active and "Host" in headers:  # origin form for a forward host
+            allowed = self.forward.allowed(*(split_authority(headers["Host"]) or ("", 0)))
+            match = Match(allowed.route, wire_path) if allowed is not None else None
         if match is None:
             raise Refusal(f"no route matches {wire_path}; add a route whose path_prefix covers it", 404, "no_route")
-        exchange.route = match.route.path_prefix
+        exchange.route = match.route.path_prefix if allowed is None else allowed.rule.host
         return match, raw_query
+
+    def cors_policy(self, route: Route) -> cors.Policy | None:
+        """A route's CORS policy; a forward host's is its rule's own ``cors``, else the top-level one."""
+        if id(route) in self._route_ids:
+            return self.route_cors[route.path_prefix]
+        return cors.Policy(route.cors) if route.cors is not None else self.cors
+
+    def _forward_host(self, raw_target: str, tunnel: str | None) -> Allowed | None:
+        """The forward rule's route for a request inside a tunnel or in absolute form (sent to
+        ``https://`` its host whatever scheme it names); None when it routes by path. Raises ``Refusal``."""
+        if tunnel is not None:
+            return self.forward.for_target(tunnel, 443)
+        if raw_target.startswith("/") or not self.forward.active:
+            return None  # without forward mode, absolute-form targets route by path, as they always did
+        return self.forward.for_target(raw_target.partition("://")[2].partition("/")[0].partition("?")[0], 443)
+
+    def connect(self, request: Request) -> Terminate | Tunnel:
+        """The front's hook for ``CONNECT host:port`` (see ``forward``); raises ``Refusal``.
+
+        Logged and counted like a request (route ``forward`` or ``tunnel``), refused ones included.
+        """
+        exchange = Exchange("CONNECT", path=request.target[:300])
+        try:
+            self._check_inbound(request.headers)
+            decision = self.forward.connect(request.target)
+        except Refusal as refusal:
+            exchange.status = refusal.status
+            self.observe(exchange)
+            raise
+        exchange.status, exchange.route = 200, "tunnel" if isinstance(decision, Tunnel) else "forward"
+        self.observe(exchange)
+        return decision
+
+    def _check_inbound(self, headers: Any) -> None:
+        if self.config.inbound_token and not self._inbound_authorized(headers):
+            raise Refusal(
+                "send Proxy-Authorization: Bearer <inbound_token> (or Basic with it as the password, "
+                "as in HTTPS_PROXY=http://user:TOKEN@host:port) to use this proxy",
+                407,
+                "proxy_authentication_required",
+                CHALLENGES,
+            )
 
     def _inbound_authorized(self, headers: Any) -> bool:
         scheme, _, token = headers.get("Proxy-Authorization", "").partition(" ")
         expected = self.config.inbound_token or ""
-        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), expected.encode())
+        if scheme.lower() == "basic":  # what clients send for a proxy URL with user:password
+            try:
+                token = base64.b64decode(token.strip(), validate=True).decode("utf-8").partition(":")[2]
+            except (binascii.Error, UnicodeDecodeError):
+                return False
+        elif scheme.lower() != "bearer":
+            return False
+        return hmac.compare_digest(token.strip().encode(), expected.encode())
 
     def upstream_headers(self, client_headers: Any, route: Route) -> CIMultiDict[str]:
         """The client's headers minus hop-by-hop and the ones we own; repeats kept."""
@@ -203,8 +270,8 @@ class Forwarder:
         exchange = Exchange(request.method)
         policy = self.cors  # the route's, once it is known
         try:
-            match, raw_query = self.resolve(request.target, request.headers, exchange)
-            policy = self.route_cors[match.route.path_prefix]
+            match, raw_query = self.resolve(request.target, request.headers, exchange, request.connection.tunnel)
+            policy = self.cors_policy(match.route)
             if policy is not None and cors.is_preflight(request.method, request.headers):
                 answer_preflight(request, policy)  # never signed, never forwarded
                 return
@@ -239,10 +306,11 @@ class Forwarder:
         route = match.route
         if request.expect_continue:  # "100 Continue" only once nothing local can refuse the body
             await self.credentials_ready(route, exchange)
+        limit = self.config.max_body if route.max_body is None else route.max_body
         try:
-            body, body_size, payload_sha256 = await request.read_body()
+            body, body_size, payload_sha256 = await request.read_body(limit)
         except BodyTooLarge:
-            raise too_large(self.config.max_body) from None
+            raise too_large(limit) from None
         exchange.bytes_in = body_size
         query = signing.normalize_query(raw_query)
         exchange.query = query.wire
@@ -272,8 +340,9 @@ class Forwarder:
         sent = time.monotonic()
         try:
             upstream = await self.pool.request(
-                method, route.upstream_address, target, headers.items(), body,
-                connect_timeout=timeouts.connect, first_byte_timeout=timeouts.first_byte, egress=route.egress,
+                method, route.dial_address, target, headers.items(), body, egress=route.egress,
+                connect_timeout=timeouts.connect, first_byte_timeout=timeouts.first_byte,
+                server_name=route.upstream_address[1] if route.connect_to else None,
             )  # fmt: skip
         except (ConnectTimeout, FirstByteTimeout) as error:
             advice = "raise the route's connect_timeout" if isinstance(error, ConnectTimeout) else (

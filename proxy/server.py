@@ -12,11 +12,14 @@ from collections.abc import Callable
 
 from aiohttp import web
 
+from .ca import CAError, CertificateAuthority
 from .config import Config, ConfigError, is_loopback
 from .cors import any_origin
 from .credentials import CredentialsUnavailable, Provider, build_providers
+from .forward import ForwardProxy
 from .forwarding import Forwarder
 from .http.front import Front, Request
+from .http.tunnel import Terminate, Tunnel
 from .http.upstream import Pool
 from .ops.admin import admin_app
 from .ops.logs import flush_periodically
@@ -53,6 +56,8 @@ class ProxyServer:
         self.admin_port: int | None = None
         self._sampler: asyncio.Task[None] | None = None
         self._log_flusher: asyncio.Task[None] | None = None
+        self.ca: CertificateAuthority | None = None
+        self.forward = self._forward_proxy(config)
 
     @property
     def url(self) -> str:
@@ -63,14 +68,30 @@ class ProxyServer:
         assert self.forwarder is not None
         await self.forwarder.handle(request)
 
+    def _connect(self, request: Request) -> Terminate | Tunnel:
+        assert self.forwarder is not None
+        return self.forwarder.connect(request)
+
+    def _forward_proxy(self, config: Config) -> ForwardProxy:
+        """The forward rules, with the local CA opened (created, or issued again) for their suffixes."""
+        forward = config.forward
+        if forward.hosts and (self.ca is None or self.ca.suffixes != forward.suffixes or
+                              self.ca.directory != CertificateAuthority.path(forward.ca)):  # fmt: skip
+            try:
+                self.ca = CertificateAuthority.open(forward.ca, forward.suffixes)
+            except CAError as error:
+                raise ConfigError(f"forward.ca: {error}") from None
+        return ForwardProxy(forward, self.ca if forward.hosts else None)
+
     async def start(self) -> None:
-        self.forwarder = Forwarder(self.config, self.providers, self._pool, self.metrics)
+        self.forwarder = Forwarder(self.config, self.providers, self._pool, self.metrics, self.forward)
         self.upgrades = Upgrades(lambda: self.forwarder, self.config.header_timeout)  # type: ignore[arg-type,return-value]
         self.front = Front(
             self._dispatch,
-            max_body=self.config.max_body,
+            max_body=self.config.largest_body,
             header_timeout=self.config.header_timeout,
             upgrade=self.upgrades.protocol,
+            connect=self._connect,
         )
         loop = asyncio.get_running_loop()
         tls = self.config.listen_tls.context if self.config.listen_tls else None
@@ -121,7 +142,7 @@ class ProxyServer:
         """
         seconds = 0
         while True:
-            count = len(self.front.connections) if self.front is not None else 0
+            count = len(self.front.connections) + len(self.front.tunnels) // 2 if self.front is not None else 0
             count += len(self.upgrades.server.connections) if self.upgrades is not None else 0
             self.metrics.open_connections.set(count)
             await asyncio.sleep(1.0)
@@ -131,6 +152,8 @@ class ProxyServer:
 
     def _warm_all(self) -> None:
         names = {r.credentials for r in self.config.routes if r.auth != "none"}
+        names |= {rule.route_keys.get("credentials", "default") for rule in self.config.forward.hosts
+                  if rule.route_keys.get("auth") != "none"}  # fmt: skip
         for name in sorted(names):
             task = asyncio.create_task(self._warm(self.providers[name]))
             self._warmups.add(task)
@@ -158,15 +181,17 @@ class ProxyServer:
             self.config.listen_tls,
         ):
             log.warning("reload: listen, listen_tls and admin_listen changes take effect only after a restart")
+        forward = self._forward_proxy(config)  # raises ConfigError before anything changes
         fresh = build_providers(config)
         for name in fresh:
             if name in self.providers and source_chain(self.config, name) == source_chain(config, name):
                 fresh[name] = self.providers[name]
         self.config, self.providers = config, fresh
         if self.front is not None:
-            self.front.max_body, self.front.header_timeout = config.max_body, config.header_timeout
+            self.front.max_body, self.front.header_timeout = config.largest_body, config.header_timeout
         previous = self.forwarder
-        self.forwarder = Forwarder(config, fresh, self._pool, self.metrics)
+        self.forward = forward
+        self.forwarder = Forwarder(config, fresh, self._pool, self.metrics, forward)
         if previous is not None:
             self.forwarder.clock_offset = previous.clock_offset
         self._warm_all()

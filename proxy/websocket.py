@@ -187,7 +187,7 @@ def offered_subprotocols(headers: Any) -> list[Subprotocol]:
 def upstream_ws_url(match: Match, query: signing.Query) -> str:
     """``wss://`` for an ``https://`` upstream, ``ws://`` for ``http://``; path and query in wire form."""
     route = match.route
-    scheme = "wss" if route.upstream_scheme == "https" else "ws"
+    scheme = "wss" if route.dial_address[0] == "https" else "ws"  # as dialled (connect_to may be plain)
     return f"{scheme}://{route.upstream_host}{match.upstream_path}" + (f"?{query.wire}" if query.wire else "")
 
 
@@ -205,9 +205,16 @@ class Upgrades:
         self.forwarder = forwarder  # the current one (it changes on reload)
         self.relays: set[_Relay] = set()  # running now, so that a stopping server can close them
         self.server = web.Server(self._handle, handler_cancellation=True, keepalive_timeout=header_timeout)
+        # The CONNECT tunnel (host:port) an upgrade came through, by protocol, until its request is handled.
+        self.tunnels: dict[Any, str] = {}
 
-    def protocol(self) -> Any:
-        return self.server()
+    def protocol(self, tunnel: str | None = None) -> Any:
+        protocol = self.server()
+        if tunnel is not None:
+            for gone in [p for p in self.tunnels if p.transport is None]:  # clients that left before asking
+                del self.tunnels[gone]
+            self.tunnels[protocol] = tunnel
+        return protocol
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         forwarder = self.forwarder()
@@ -215,7 +222,8 @@ class Upgrades:
         exchange = Exchange(request.method)
         response: web.StreamResponse | None = None
         try:
-            match, raw_query = forwarder.resolve(request.raw_path, request.headers, exchange)
+            tunnel = self.tunnels.pop(request.protocol, None)
+            match, raw_query = forwarder.resolve(request.raw_path, request.headers, exchange, tunnel)
             response = await relay_websocket(forwarder, request, match, raw_query, self.relays, exchange)
         except Refusal as refusal:
             response = error_response(refusal.status, refusal.message, refusal.reason, **dict(refusal.headers))
@@ -358,7 +366,7 @@ async def open_socket(route: Route, timeout: float) -> Opened:
     upgrade exchange each get their own deadline (``connect_timeout``,
     ``first_byte_timeout``), as for HTTP.
     """
-    scheme, host, port = route.upstream_address
+    scheme, host, port = route.dial_address  # connect_to's, when set
     egress = route.egress or Egress(tls_context(), ProxyEnvironment.read())
     async with asyncio.timeout(timeout):
         return await egress.open(scheme, host, port, tunnel=True)

@@ -172,6 +172,8 @@ def test_example_config_is_valid_and_documents_every_key() -> None:
         cfg.Config,
         cfg.Route,
         cfg.Cors,
+        cfg.Forward,
+        cfg.ForwardRule,
         *[m for m in vars(cfg).values() if isinstance(m, type) and m.__name__.endswith("Source")],
     ]
     for model in models:

@@ -17,9 +17,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "proxy"
 # Bottom to top. A module may import its own unit (the same subpackage or module) and units of lower
 # layers only. ``http`` is an HTTP/1.1 library that happens to live here; ``signing`` is pure.
 LAYERS: list[set[str]] = [
-    {"proxy.signing", "proxy.http", "proxy.awsenv"},
-    {"proxy.config", "proxy.ops.logs", "proxy.ops.workers", "proxy.demo"},
-    {"proxy.credentials", "proxy.routing", "proxy.ops.metrics", "proxy.cors"},
+    {"proxy.signing", "proxy.http", "proxy.awsenv", "proxy.hosts"},
+    {"proxy.config", "proxy.ca", "proxy.ops.logs", "proxy.ops.workers", "proxy.demo"},
+    {"proxy.credentials", "proxy.routing", "proxy.forward", "proxy.ops.metrics", "proxy.cors"},
     {"proxy.forwarding"},
     {"proxy.websocket", "proxy.ops.admin"},
     {"proxy.server"},
@@ -31,6 +31,8 @@ FORBIDDEN_PREFIXES = {
     "proxy.http": ("proxy.",),  # beyond proxy.http itself
     "proxy.signing": ("proxy.",),
     "proxy.awsenv": ("proxy.",),
+    "proxy.hosts": ("proxy.",),
+    "proxy.ca": ("proxy.",),
     "proxy.credentials": ("proxy.http", "proxy.forwarding"),
 }
 

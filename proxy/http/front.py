@@ -23,6 +23,11 @@ headers. Here a connection is one ``asyncio.Protocol``:
 
 A WebSocket upgrade is handed, with the bytes already read, to aiohttp's
 server, which does the WebSocket framing (see ``websocket``).
+
+``CONNECT`` goes to the ``connect`` hook when the front has one (see
+``tunnel``): refused, a blind tunnel, or TLS terminated here with
+``start_tls``, after which the connection's requests are read as before and
+carry the tunnel's authority (``Connection.tunnel``).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import hashlib
 import json
 import logging
 import re
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -39,6 +45,7 @@ from multidict import CIMultiDict
 
 from .http1 import EMPTY_SHA256, TOKEN, ChunkDecoder, connection_tokens, http_date, malformed_name, parse_fields
 from .linger import LingeringClose
+from .tunnel import Terminate, Tunnel, open_blind
 
 log = logging.getLogger("signing_proxy.front")
 
@@ -71,16 +78,28 @@ class BodyTooLarge(Exception):
 
 
 Handler = Callable[["Request"], Awaitable[None]]
+# Decides a CONNECT request: what to do, or raise Refusal.
+ConnectHook = Callable[["Request"], "Terminate | Tunnel"]
 
 
 class Front:
     """The protocol factory for client connections, and what they share: handler, limits, timers."""
 
-    def __init__(self, handler: Handler, *, max_body: int, header_timeout: float, upgrade: Callable[[], Any]) -> None:
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        max_body: int,
+        header_timeout: float,
+        upgrade: Callable[[str | None], Any],
+        connect: ConnectHook | None = None,
+    ) -> None:
         self.handler = handler
         self.max_body = max_body
         self.header_timeout = header_timeout
-        self.upgrade = upgrade  # makes the aiohttp protocol a WebSocket upgrade is handed to
+        self.upgrade = upgrade  # makes the aiohttp protocol a WebSocket upgrade (and its tunnel) is handed to
+        self.connect = connect  # decides CONNECT requests; None: they go to the handler like any other
+        self.tunnels: set[Any] = set()  # both sides of every blind tunnel, closed when the front stops
         self.connections: set[Connection] = set()
         self.lingering: set[LingeringClose] = set()  # connections closing after an early answer
         self.stopping = False
@@ -114,7 +133,7 @@ class Front:
                 task.cancel()
             if late:
                 await asyncio.wait(late, timeout=1.0)
-        for connection in [*self.connections, *self.lingering]:
+        for connection in [*self.connections, *self.lingering, *self.tunnels]:
             connection.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
@@ -234,15 +253,17 @@ class Request:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def read_body(self) -> tuple[list[bytes], int, str]:
+    async def read_body(self, limit: int | None = None) -> tuple[list[bytes], int, str]:
         """The whole body (as the pieces that arrived), its length and SHA-256.
 
-        Raises ``BodyTooLarge`` above ``max_body`` (at once when Content-Length
-        says so, before ``100 Continue`` invites the body) and ``Refusal``.
+        Raises ``BodyTooLarge`` above ``limit`` (default: the front's
+        ``max_body``, which bounds every body; at once when Content-Length says
+        so, before ``100 Continue`` invites the body) and ``Refusal``.
         """
         if self._digest is None:
             return [], 0, EMPTY_SHA256
-        if self._remaining is not None and self._body_size + self._remaining > self.connection.front.max_body:
+        limit = self.connection.front.max_body if limit is None else limit
+        if self._remaining is not None and self._body_size + self._remaining > limit:
             raise BodyTooLarge
         if self._body_error is None:
             if self.expect_continue:
@@ -257,6 +278,8 @@ class Request:
                 self.connection.deadline = None
         if self._body_error is not _BODY_READ:
             raise self._body_error  # type: ignore[misc]
+        if self._body_size > limit:  # a chunked body under the front's bound, over this request's
+            raise BodyTooLarge
         return self._body_parts, self._body_size, self._digest.hexdigest()
 
     # ------------------------------------------------------------ the answer
@@ -358,7 +381,7 @@ class Response:
 class Connection(asyncio.Protocol):
     """One client connection: requests in, one at a time (pipelined ones wait their turn)."""
 
-    __slots__ = ("buffer", "deadline", "drain_waiter", "front", "request", "task", "transport")
+    __slots__ = ("buffer", "deadline", "drain_waiter", "front", "request", "task", "transport", "tunnel")
 
     def __init__(self, front: Front) -> None:
         self.front = front
@@ -368,6 +391,7 @@ class Connection(asyncio.Protocol):
         self.task: asyncio.Task[None] | None = None
         self.deadline: float | None = None  # when the next head must have arrived
         self.drain_waiter: asyncio.Future[None] | None = None
+        self.tunnel: str | None = None  # host:port of the CONNECT whose TLS this connection's requests came in
 
     # ------------------------------------------------------------ asyncio callbacks
 
@@ -449,6 +473,9 @@ class Connection(asyncio.Protocol):
         self.buffer = buffer[end + 4 :]
         try:
             request = self._parse_head(buffer[:end])
+            if request.method == "CONNECT" and self.front.connect is not None:
+                self._connect(request)
+                return
             if request.headers.get("Upgrade", "").lower() == "websocket":
                 self._hand_over(request, buffer)
                 return
@@ -505,19 +532,77 @@ class Connection(asyncio.Protocol):
         target = "".join(c if c.isascii() else "".join(f"%{b:02X}" for b in c.encode()) for c in request.target)
         version = "1.1" if request.http11 else "1.0"
         replay = f"{request.method} {target} HTTP/{version}".encode() + received[received.find(b"\r\n") :]
-        protocol = self.front.upgrade()
+        protocol = self.front.upgrade(self.tunnel)
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
         protocol.data_received(replay)
+
+    # ------------------------------------------------------------ CONNECT
+
+    def _connect(self, request: Request) -> None:
+        """Ask the front's hook about a CONNECT; refuse, or answer 200 and open what it decided."""
+        if self.buffer or self.tunnel is not None:
+            raise Refusal("CONNECT must be alone: no bytes before its answer, no tunnel inside a tunnel")
+        decision = self.front.connect(request)  # type: ignore[misc]  # raises Refusal
+        self.deadline = None
+        self.request = request  # busy until the tunnel is open (shutdown waits for it)
+        opening = self._terminate(decision) if isinstance(decision, Terminate) else self._blind(decision)
+        self.task = asyncio.get_running_loop().create_task(opening)
+
+    async def _terminate(self, decision: Terminate) -> None:
+        """TLS with the client, then this connection's requests are served as requests for the tunnel's host."""
+        transport = self.transport
+        assert transport is not None
+        transport.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        self.transport = None  # TLS owns it during the handshake: nothing is written, paused or resumed here
+        loop = asyncio.get_running_loop()
+        try:
+            tls = await loop.start_tls(
+                transport, self, decision.context, server_side=True, ssl_handshake_timeout=self.front.header_timeout
+            )
+        except (OSError, ssl.SSLError, TimeoutError) as error:
+            # A client that does not trust the CA ends here: say so where a user looks.
+            log.info("TLS handshake for %s failed (does the client trust the local CA?): %s", decision.authority,
+                     error)  # fmt: skip
+            self.task = None
+            transport.abort()
+            self.connection_lost(None)  # start_tls does not tell the protocol when the handshake fails
+            return
+        if tls is None:
+            return
+        self.transport, self.tunnel = tls, decision.authority
+        self.request, self.task = None, None
+        self._wait_for_head()
+        if self.buffer:  # the first request may have come with the end of the handshake
+            self._next_request()
+
+    async def _blind(self, decision: Tunnel) -> None:
+        transport = self.transport
+        assert transport is not None
+        try:
+            await open_blind(transport, decision, self.front.header_timeout, self.front.tunnels)
+        except (OSError, TimeoutError) as error:
+            reason = "timed out" if isinstance(error, TimeoutError) else error.strerror or str(error)
+            status = 504 if isinstance(error, TimeoutError) else 502
+            self.task = None
+            self._refuse(Refusal(f"cannot connect to {decision.host}:{decision.port}: {reason}", status,
+                                 "upstream_timeout" if status == 504 else "upstream_unreachable"))  # fmt: skip
+            return
+        self.front.connections.discard(self)  # the tunnel's two protocols own the transport now
+        transport.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        if self.buffer:  # sent by the client while the tunnel was being opened
+            transport.get_protocol().data_received(self.buffer)
+        self.transport, self.request, self.task, self.buffer = None, None, None, b""
 
     def _refuse(self, error: Refusal) -> None:
         """Answer a request that could not be parsed, and close: what follows it cannot be trusted."""
         self.deadline = None
         self.buffer = b""
         body = error_body(error.message, error.reason)
+        extra = "".join(f"{name}: {value}\r\n" for name, value in error.headers)
         self.write(
             (
-                f"HTTP/1.1 {error.status} {REASONS.get(error.status, 'Bad Request')}\r\n"
+                f"HTTP/1.1 {error.status} {REASONS.get(error.status, 'Bad Request')}\r\n{extra}"
                 f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
                 f"Date: {http_date()}\r\nConnection: close\r\n\r\n"
             ).encode()

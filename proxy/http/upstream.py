@@ -396,7 +396,9 @@ class UpstreamResponse:
             connection._abort()
 
 
-Slot = tuple[str, str, int, "Egress | None"]  # scheme, host, port, and how connections are opened
+# scheme, host and port dialled, how connections are opened, and the TLS server name when it is not
+# the host dialled (a route's connect_to)
+Slot = tuple[str, str, int, "Egress | None", str | None]
 
 
 class Pool:
@@ -437,7 +439,8 @@ class Pool:
         return None
 
     async def _connect(self, key: Slot, timeout: float) -> _Connection:
-        scheme, host, port, egress = key
+        scheme, host, port, egress, server_name = key
+        server_name = server_name or host  # the TLS name, when the address dialled is not the upstream's
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(timeout):
@@ -447,14 +450,14 @@ class Pool:
                     lambda: _Connection(self, key),
                     sock=opened.sock,
                     ssl=opened.tls,
-                    server_hostname=host if opened.tls else None,
+                    server_hostname=server_name if opened.tls else None,
                 )
         except TimeoutError:
             raise ConnectTimeout(f"cannot connect within {timeout:g}s") from None
         except EgressError as error:
             raise ConnectError.because(error) from None
         except ssl.SSLError as error:
-            raise ConnectError.because(tls_failure(error, host)) from None
+            raise ConnectError.because(tls_failure(error, server_name)) from None
         except OSError as error:  # the caller names the upstream: the message says only why
             raise ConnectError(f"cannot connect ({connect_failure(error)})") from None
         connection.absolute_form, connection.proxy_headers = opened.absolute_form, opened.proxy_headers
@@ -472,6 +475,7 @@ class Pool:
         connect_timeout: float,
         first_byte_timeout: float,
         egress: Egress | None = None,
+        server_name: str | None = None,
     ) -> UpstreamResponse:
         """Send one request; return once the response headers have arrived.
 
@@ -479,10 +483,11 @@ class Pool:
         response headers once the request is sent. Raises ``UpstreamError``
         subclasses, ``ConnectTimeout`` and ``FirstByteTimeout`` included.
         ``egress`` says how new connections are opened (default: the
-        environment's proxy settings and the system's CAs).
+        environment's proxy settings and the system's CAs); ``server_name``
+        is the name TLS sends and verifies when ``key`` dials another address.
         """
         head = _head(method, target, headers)
-        slot: Slot = (*key, egress)
+        slot: Slot = (*key, egress, server_name)
         # Small requests go out in one write; large bodies without being copied into one buffer.
         size = sum(len(part) for part in body)
         message = b"".join((head, *body)) if size < 64 * 1024 else None
