@@ -660,3 +660,26 @@ async def test_a_preflight_inside_a_tunnel_is_answered_by_the_cors_policy(
     assert answer.startswith(b"HTTP/1.1 204"), answer[:300]
     assert f"access-control-allow-origin: {origin}".encode() in answer.lower()
     assert sigv4_upstream.received == []
+
+
+async def test_a_forward_rules_ca_bundle_and_connect_to_https(start_proxy, test_ca, tmp_path) -> None:
+    """The rule's network keys apply to each host it matches: its ca_bundle verifies the upstream (SNI: the API)."""
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    test_ca.issue_cert(API).configure_cert(server_context)
+    upstream = SigV4Upstream({TEST_KEY_ID: TEST_SECRET}, region=TEST_REGION, tls=server_context)
+    await upstream.start()
+    try:
+        bundle = tmp_path / "upstream-ca.pem"
+        test_ca.cert_pem.write_to_path(str(bundle))
+        config = forward_config(upstream.url, tmp_path / "ca", ca_bundle=str(bundle))
+        proxy = await start_proxy(config)
+        response = await first_response(proxy.port, f"GET http://{API}/prod/x HTTP/1.1\r\nHost: {API}\r\n\r\n".encode())
+        assert response.status == 200, response
+        assert upstream.received[-1].signature_ok
+        without = await start_proxy(forward_config(upstream.url, tmp_path / "ca"))  # the system's CAs: refused
+        refused = await first_response(
+            without.port, f"GET http://{API}/prod/x HTTP/1.1\r\nHost: {API}\r\n\r\n".encode()
+        )
+        assert refused.status == 502 and len(upstream.received) == 1
+    finally:
+        await upstream.close()
