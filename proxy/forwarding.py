@@ -407,19 +407,18 @@ class Forwarder:
             first, complete = upstream.read_nowait(), upstream.is_eof()
         else:
             first, complete = prefetched, True
-        framed = upstream.content_length is not None
         exchange.bytes_out = len(first)
         if not has_body(request.method, upstream.status):
-            response.send(length=False)
+            response.send()
             return
-        if complete:
-            response.send(first, length=not framed)  # a chunked or close-delimited body becomes a plain one
+        if complete and not upstream.codings:
+            response.send(first)  # a chunked or close-delimited body becomes a plain one
             return
         length = upstream.spliceable()
         if length >= splice.SPLICE_FROM and splice.AVAILABLE and request.connection.output_idle():
             await self._splice(request, response, upstream, first, length, exchange)
             return
-        response.start(first, framed=framed)
+        response.start(first, length=upstream.content_length, codings=upstream.codings)
         try:
             while chunk := await upstream.readany():  # idle_timeout bounds each wait
                 exchange.bytes_out += len(chunk)
@@ -442,9 +441,11 @@ class Forwarder:
         """Send a large body of known length socket to socket (see ``splice``)."""
         upstream_transport, client_transport = upstream.connection.transport, request.connection.transport
         assert upstream_transport is not None and client_transport is not None
-        head = response.head(framed=True)
+        head = response.head(length=upstream.content_length)
         try:
-            await splice.splice_body(upstream_transport, client_transport, head + first, length, upstream.idle_timeout)
+            clean = await splice.splice_body(
+                upstream_transport, client_transport, head + first, length, upstream.idle_timeout
+            )
         except (splice.UpstreamClosed, TimeoutError) as error:
             cut_short(response, upstream, exchange, error)
             return
@@ -454,7 +455,7 @@ class Forwarder:
             upstream.close()
             return
         exchange.bytes_out = len(first) + length
-        upstream.spliced()
+        upstream.spliced(clean)
         response.finish()
 
     def observe(self, exchange: Exchange) -> None:

@@ -43,8 +43,20 @@ from typing import Any
 
 from multidict import CIMultiDict
 
-from .http1 import EMPTY_SHA256, TOKEN, ChunkDecoder, connection_tokens, http_date, malformed_name, parse_fields
+from .http1 import (
+    EMPTY_SHA256,
+    TOKEN,
+    ChunkDecoder,
+    FramingError,
+    connection_tokens,
+    has_body,
+    http_date,
+    malformed_line,
+    parse_fields,
+    request_framing,
+)
 from .linger import LingeringClose
+from .target import ABSOLUTE, ORIGIN, split_absolute, target_form
 from .tunnel import Terminate, Tunnel, open_blind
 
 log = logging.getLogger("signing_proxy.front")
@@ -55,7 +67,10 @@ MAX_HEAD = 64 * 1024  # the whole head; also the most bytes buffered ahead of a 
 URI_TOO_LONG, HEADERS_TOO_LARGE = 414, 431
 
 _REQUEST_LINE = re.compile(rb"(" + TOKEN + rb") ([\x21-\x7e\x80-\xff]+) HTTP/([0-9])\.([0-9])")
-_DIGITS = re.compile(r"[0-9]{1,18}")
+FRAMING_FIELDS = frozenset({"content-length", "transfer-encoding"})  # written by Response itself, never relayed
+# Bytes of chunk framing (size lines, extensions, CRLFs, trailers) a request body may have beyond a quarter
+# of its data: chunks of a few bytes would otherwise cost far more CPU and memory than their data.
+MAX_CHUNK_FRAMING = 64 * 1024
 
 
 def error_body(message: str, reason: str) -> bytes:
@@ -93,8 +108,10 @@ class Front:
         header_timeout: float,
         upgrade: Callable[[str | None], Any],
         connect: ConnectHook | None = None,
+        admit: Callable[[Request], None] | None = None,
     ) -> None:
         self.handler = handler
+        self.admit = admit or origin_form_only  # which request-target forms are served
         self.max_body = max_body
         self.header_timeout = header_timeout
         self.upgrade = upgrade  # makes the aiohttp protocol a WebSocket upgrade (and its tunnel) is handed to
@@ -143,8 +160,8 @@ class Request:
     """One request: its head as sent, its body (read on demand) and its answer."""
 
     __slots__ = (
+        "_body",
         "_body_error",
-        "_body_parts",
         "_body_size",
         "_body_waiter",
         "_chunks",
@@ -158,12 +175,16 @@ class Request:
         "method",
         "status",
         "target",
+        "target_form",
     )
 
-    def __init__(self, connection: Connection, method: str, target: str, http11: bool, headers: CIMultiDict[str]):
+    def __init__(
+        self, connection: Connection, method: str, target: str, http11: bool, headers: CIMultiDict[str]
+    ) -> None:
         self.connection = connection
         self.method = method
         self.target = target  # the request target as sent (decoded as UTF-8)
+        self.target_form = target_form(method, target)  # origin, absolute, authority or asterisk
         self.http11 = http11
         self.headers = headers
         self.status = 0  # of the answer, once its head is sent
@@ -172,7 +193,7 @@ class Request:
         self.expect_continue = False
         self._remaining: int | None = None  # Content-Length bytes still to come
         self._chunks: ChunkDecoder | None = None
-        self._body_parts: list[bytes] = []
+        self._body: bytes | bytearray = b""  # one buffer however the body arrives (a piece costs no more)
         self._body_size = 0
         self._digest: Any = None
         self._body_waiter: asyncio.Future[None] | None = None
@@ -185,25 +206,18 @@ class Request:
         return self._chunks is not None or self._remaining is not None
 
     def _frame_body(self) -> None:
-        """Find the body's framing in the headers (RFC 9112 6); raises Refusal."""
+        """Find the body's framing in the headers (RFC 9112 6, see ``request_framing``); raises Refusal."""
         headers = self.headers
-        if "Transfer-Encoding" in headers:
-            codings = [c.strip().lower() for v in headers.getall("Transfer-Encoding") for c in v.split(",")]
-            if codings != ["chunked"] or "Content-Length" in headers or not self.http11:
-                raise Refusal("Transfer-Encoding must be chunked alone, without Content-Length, in HTTP/1.1")
+        try:
+            framing = request_framing(headers, self.http11)
+        except FramingError as error:
+            raise Refusal(str(error)) from None
+        if framing.kind == "chunked":
             self._chunks = ChunkDecoder()
-        elif "Content-Length" in headers:
-            lengths = set(headers.getall("Content-Length"))
-            value = lengths.pop()
-            if lengths or not _DIGITS.fullmatch(value):
-                raise Refusal("Content-Length must be one decimal number")
-            self._remaining = int(value)
+        elif framing.kind == "length":
+            self._remaining = framing.length
         if self.body_exists:
             self._digest = hashlib.sha256()
-            if self._remaining == 0:
-                self._remaining = None
-                self._digest = None
-                self._chunks = None
         expect = headers.get("Expect")
         if expect is not None:
             if expect.lower() != "100-continue":
@@ -220,27 +234,36 @@ class Request:
         rest = b""
         if self._body_error is not None:
             return rest  # refused (too large, malformed): the connection closes after the answer
-        if self._chunks is not None:
+        decoder = self._chunks
+        if decoder is not None:
             try:
-                pieces, done = self._chunks.feed(data)
-            except ValueError as error:
+                piece, done = decoder.feed(data)
+                if decoder.framing > MAX_CHUNK_FRAMING + (self._body_size + len(piece)) // 4:
+                    raise FramingError("its chunks are too small (chunk framing outweighs the data)")
+            except FramingError as error:
                 self._end_body(Refusal(f"malformed chunked body: {error}"))
                 return b""
             if done:
-                rest = self._chunks.rest
+                rest = decoder.rest
         else:
             assert self._remaining is not None
-            pieces = [data[: self._remaining]] if len(data) > self._remaining else [data]
-            self._remaining -= len(pieces[0])
-            rest = data[len(pieces[0]) :]
+            piece = data[: self._remaining] if len(data) > self._remaining else data
+            self._remaining -= len(piece)
+            rest = data[len(piece) :]
             done = self._remaining == 0
-        for piece in pieces:
+        if piece:
             self._body_size += len(piece)
             if self._body_size > self.connection.front.max_body:
                 self._end_body(BodyTooLarge())
                 return b""
             self._digest.update(piece)
-            self._body_parts.append(piece)
+            body = self._body
+            if not body:
+                self._body = piece  # most bodies arrive in one read: kept without a copy
+            elif isinstance(body, bytes):
+                self._body = bytearray(body) + piece
+            else:
+                body += piece
         if done:
             self._end_body(None)
         return rest
@@ -280,7 +303,7 @@ class Request:
             raise self._body_error  # type: ignore[misc]
         if self._body_size > limit:  # a chunked body under the front's bound, over this request's
             raise BodyTooLarge
-        return self._body_parts, self._body_size, self._digest.hexdigest()
+        return [self._body], self._body_size, self._digest.hexdigest()  # type: ignore[list-item]
 
     # ------------------------------------------------------------ the answer
 
@@ -304,7 +327,14 @@ _BODY_READ = _BodyRead()
 
 
 class Response:
-    """The answer to a request: sent whole (``send``) or streamed (``start``, ``write``, ``finish``)."""
+    """The answer to a request: sent whole (``send``) or streamed (``start``, ``write``, ``finish``).
+
+    Its framing is always the proxy's own: a Content-Length or
+    Transfer-Encoding among the headers given is dropped and the one that
+    matches what is sent is written instead (a HEAD or 304 answer keeps the
+    length it describes). Hop-by-hop rules, which may name either, apply to
+    what is relayed, never to how the answer is delimited.
+    """
 
     __slots__ = ("_chunked", "_head", "request")
 
@@ -312,8 +342,15 @@ class Response:
         self.request = request
         self._chunked = False
         lines = [f"HTTP/1.1 {status} {reason}\r\n"]
-        lines += [f"{name}: {value}\r\n" for name, value in headers]
-        if not any(name.lower() == "date" for name, _ in headers):
+        describes_length = request.method == "HEAD" or status == 304
+        dated = False
+        for name, value in headers:
+            lower = name.lower()
+            if lower in FRAMING_FIELDS and not (describes_length and lower == "content-length"):
+                continue
+            dated = dated or lower == "date"
+            lines.append(f"{name}: {value}\r\n")
+        if not dated:
             lines.append(f"Date: {http_date()}\r\n")
         self._head = lines
 
@@ -327,32 +364,38 @@ class Response:
             extra += "Connection: keep-alive\r\n"
         return "".join((*self._head, extra, "\r\n")).encode("utf-8", "surrogateescape")
 
-    def send(self, body: bytes = b"", *, length: bool = True) -> None:
-        """The whole answer in one write; ``length=False`` for a bodyless answer that keeps its headers."""
-        head = self._head_bytes(f"Content-Length: {len(body)}\r\n" if length else "")
-        self.request.connection.write(head + body if body else head)
-        self.request.connection.answered(self.request)
+    def send(self, body: bytes = b"") -> None:
+        """The whole answer in one write, with its length; no body at all where none is allowed (HEAD, 204, 304)."""
+        request = self.request
+        if has_body(request.method, request.status):
+            head = self._head_bytes(f"Content-Length: {len(body)}\r\n")
+            request.connection.write(head + body if body else head)
+        else:
+            request.connection.write(self._head_bytes())
+        request.connection.answered(request)
 
-    def start(self, first: bytes, *, framed: bool) -> None:
-        """Send the head and the first body bytes; ``framed`` when the headers carry Content-Length.
+    def start(self, first: bytes, *, length: int | None, codings: tuple[str, ...] = ()) -> None:
+        """Send the head and the first body bytes of a body of ``length`` bytes (None: unknown).
 
-        Without a length the body is sent chunked to an HTTP/1.1 client, and
-        delimited by closing the connection to an HTTP/1.0 one.
+        Without a length the body is sent chunked to an HTTP/1.1 client (after
+        ``codings``, transfer codings relayed as they came), and delimited by
+        closing the connection to an HTTP/1.0 one.
         """
-        head = self.head(framed=framed)
+        head = self.head(length=length, codings=codings)
         if self._chunked and first:
             first = b"%x\r\n%b\r\n" % (len(first), first)
         self.request.connection.write(head + first if first else head)
 
-    def head(self, *, framed: bool) -> bytes:
+    def head(self, *, length: int | None, codings: tuple[str, ...] = ()) -> bytes:
         """The head of a streamed answer (``start`` sends it; ``splice`` sends it itself)."""
-        extra = ""
-        if not framed:
-            if self.request.http11:
-                self._chunked = True
-                extra = "Transfer-Encoding: chunked\r\n"
-            else:
-                self.request.keep_alive = False
+        if length is not None and not codings:
+            extra = f"Content-Length: {length}\r\n"
+        elif self.request.http11:
+            self._chunked = True
+            extra = f"Transfer-Encoding: {', '.join((*codings, 'chunked'))}\r\n"
+        else:
+            self.request.keep_alive = False
+            extra = ""
         return self._head_bytes(extra)
 
     def write(self, chunk: bytes) -> None:
@@ -381,12 +424,13 @@ class Response:
 class Connection(asyncio.Protocol):
     """One client connection: requests in, one at a time (pipelined ones wait their turn)."""
 
-    __slots__ = ("buffer", "deadline", "drain_waiter", "front", "request", "task", "transport", "tunnel")
+    __slots__ = ("buffer", "deadline", "drain_waiter", "front", "request", "searched", "task", "transport", "tunnel")
 
     def __init__(self, front: Front) -> None:
         self.front = front
         self.transport: asyncio.Transport | None = None
         self.buffer = b""  # bytes of the next request (its head, or more)
+        self.searched = 0  # where in ``buffer`` the end of the head may start (searched up to there)
         self.request: Request | None = None  # the one being served
         self.task: asyncio.Task[None] | None = None
         self.deadline: float | None = None  # when the next head must have arrived
@@ -461,18 +505,22 @@ class Connection(asyncio.Protocol):
         buffer = self.buffer
         if buffer[:1] in (b"\r", b"\n"):  # empty lines before a request line are ignored (RFC 9112 2.2)
             buffer = self.buffer = buffer.lstrip(b"\r\n")
-        end = buffer.find(b"\r\n\r\n")
+            self.searched = 0
+        end = buffer.find(b"\r\n\r\n", self.searched)  # from where the last search stopped: linear in all
         if end + 4 > MAX_HEAD:
             self._refuse(too_large(HEADERS_TOO_LARGE))
             return
         if end < 0:
+            self.searched = max(len(buffer) - 3, 0)
             if len(buffer) > MAX_HEAD or (len(buffer) > MAX_LINE and buffer.find(b"\r\n", 0, MAX_LINE + 2) < 0):
                 line_end = buffer.find(b"\r\n", 0, MAX_LINE + 2)
                 self._refuse(too_large(URI_TOO_LONG if line_end < 0 else HEADERS_TOO_LARGE))
             return
+        self.searched = 0
         self.buffer = buffer[end + 4 :]
         try:
             request = self._parse_head(buffer[:end])
+            self.front.admit(request)
             if request.method == "CONNECT" and self.front.connect is not None:
                 self._connect(request)
                 return
@@ -515,9 +563,22 @@ class Connection(asyncio.Protocol):
             raise too_large(HEADERS_TOO_LARGE)
         pairs = parse_fields(block, "surrogateescape")  # bytes that are not UTF-8 go upstream unchanged
         if pairs is None:
-            raise Refusal(f"malformed header line (name {malformed_name(block)!r})")
+            raise Refusal(malformed_line(block))
+        headers = CIMultiDict(pairs)
+        if minor == b"1" and len(headers.getall("Host", ())) != 1:
+            raise Refusal("an HTTP/1.1 request must carry exactly one Host header (RFC 9112 3.2)")
         # Upper-cased as aiohttp's parser did: upstreams behind aiohttp-style parsers see it so.
-        return Request(self, method.decode("ascii").upper(), target, minor == b"1", CIMultiDict(pairs))
+        return Request(self, method.decode("ascii").upper(), target, minor == b"1", headers)
+
+    def addressed_to_me(self, authority: str) -> bool:
+        """Whether ``authority`` (host[:port] of an absolute-form target) names this proxy's own socket."""
+        sockname = self.transport.get_extra_info("sockname") if self.transport is not None else None
+        if not sockname:
+            return False
+        host, _, port = authority.rpartition(":") if not authority.endswith("]") else (authority, "", "")
+        if not port.isdigit():
+            host, port = authority, "80"
+        return int(port) == sockname[1] and host.lower().strip("[]") in {"localhost", sockname[0], "127.0.0.1", "::1"}
 
     def _hand_over(self, request: Request, received: bytes) -> None:
         """Give this connection to aiohttp's server, replaying what was read, for the WebSocket upgrade.
@@ -678,6 +739,43 @@ class Connection(asyncio.Protocol):
         self.transport, self.request, self.task, self.buffer = None, None, None, b""
         if transport is not None:
             LingeringClose(transport, self.front.lingering)
+
+
+def origin_form_only(request: Request) -> None:
+    """Which request targets are served: the one decision, made for every request before anything else.
+
+    A reverse proxy serves origin-form (``GET /path``), and absolute-form that
+    names the proxy itself (a server must accept it, RFC 9112 3.2.2), taken as
+    its path. Anything else is refused, never signed or forwarded: CONNECT
+    (``CONNECT host:443``, and ``CONNECT /x`` too), ``OPTIONS *``, absolute-form
+    naming another host (a client that took us for a forward proxy), and
+    targets that fit no form. A forward-proxy mode passes its own decision to
+    ``Front(admit=...)``.
+    """
+    form = request.target_form
+    if form == ORIGIN:
+        return
+    if form == ABSOLUTE:
+        scheme, authority, origin = split_absolute(request.target)
+        if scheme == "http" and request.connection.addressed_to_me(authority):
+            request.target, request.target_form = origin, ORIGIN
+            return
+        raise Refusal(
+            f"signing-proxy is a reverse proxy, not a forward proxy: send the path alone ({request.method} {origin}"
+            " HTTP/1.1) to the proxy's own address",
+            403,
+            "not_a_forward_proxy",
+        )
+    if request.method == "CONNECT":
+        raise Refusal("signing-proxy is a reverse proxy: it opens no tunnels (CONNECT)", 403, "not_a_forward_proxy")
+    if form is None:
+        raise Refusal(
+            f"the request target fits no form {request.method} takes (RFC 9112 3.2): send a path starting with /",
+            reason="bad_request_target",
+        )
+    raise Refusal(
+        "OPTIONS * asks about the proxy itself; signing-proxy only forwards paths", reason="bad_request_target"
+    )
 
 
 def too_large(status: int) -> Refusal:

@@ -10,16 +10,23 @@ import hashlib
 import re
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()  # the digest of a request with no body
 TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"  # a method or header name (RFC 9110 5.6.2)
 # Header lines, each ending in CRLF: a name, a colon, and a value of visible characters, spaces,
 # tabs and obs-text (no other control character, no obs-fold). Checked for a whole block at once.
-_FIELD_LINES = re.compile(rb"(?:" + TOKEN + rb":[\t\x20-\x7e\x80-\xff]*\r\n)*")
+# Neither pattern can backtrack (the classes on either side of each repetition are disjoint, or the
+# repetition is possessive): parsing costs time linear in the head's size, whatever its content.
+_FIELD_LINES = re.compile(rb"(?:" + TOKEN + rb":[\t\x20-\x7e\x80-\xff]*+\r\n)*+")
 FORBIDDEN_IN_LINE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # controls but HTAB (RFC 9110 5.5)
 _NAME = re.compile(TOKEN)
-_FIELD = re.compile(r"([^:]+):[ \t]*(.*?)[ \t]*\r\n")
+# A validated line: the name, then the value without the optional whitespace around it.
+_FIELD = re.compile(r"([^:]+):[ \t]*+((?:[^ \t\r\n]++|[ \t]++(?=[^ \t\r\n]))*+)[ \t]*+\r\n")
+_TOKEN = re.compile(TOKEN.decode())
+MAX_LENGTH_DIGITS = 18  # a Content-Length of 19 digits or more is no real body (and would overflow C readers)
+_DIGITS = re.compile(rf"[0-9]{{1,{MAX_LENGTH_DIGITS}}}")
 
 # RFC 9110 7.6.1 (plus Proxy-Authorization, which is addressed to us, never upstream).
 HOP_BY_HOP = frozenset(
@@ -36,8 +43,14 @@ HOP_BY_HOP = frozenset(
     }
 )
 
-_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,15}")
-MAX_CHUNK_LINE = 4096
+# A chunk-size line: hex digits, then extensions (RFC 9112 7.1.1), each `;name` or `;name=value` with
+# a token or quoted-string value. Optional whitespace is allowed before a semicolon only: llhttp
+# refuses it elsewhere, and a stricter reading than the peer's is never a smuggling gap.
+_QUOTED = rb'"(?:[\t\x20\x21\x23-\x5b\x5d-\x7e\x80-\xff]++|\\[\t\x20-\x7e\x80-\xff])*+"'
+_CHUNK_LINE = re.compile(
+    rb"([0-9A-Fa-f]{1,15})(?:[ \t]*+;" + TOKEN + rb"(?:=(?:" + TOKEN + rb"|" + _QUOTED + rb"))?+)*+"
+)
+MAX_CHUNK_LINE = 4096  # a chunk-size line with its extensions, or a trailer line
 
 
 def parse_fields(block: bytes, errors: str = "strict") -> list[tuple[str, str]] | None:
@@ -46,29 +59,29 @@ def parse_fields(block: bytes, errors: str = "strict") -> list[tuple[str, str]] 
     Values are decoded as UTF-8 with ``errors`` (``surrogateescape`` keeps other
     bytes, to be written back unchanged); a strict decoding raises
     UnicodeDecodeError. Two passes in C for the whole block, instead of a few
-    Python calls a line.
+    Python calls a line, each linear in the block's size.
     """
     if _FIELD_LINES.fullmatch(block) is None:
         return None
     return _FIELD.findall(block.decode("utf-8", errors))
 
 
-def malformed_name(block: bytes) -> bytes:
-    """The name of the first line ``parse_fields`` refuses (see ``field_name``), for an error message.
+def malformed_line(block: bytes, first_line: int = 2) -> str:
+    """Which line of ``block`` ``parse_fields`` refuses, and why, for an error message.
 
-    Never the value: a malformed ``Authorization`` line would otherwise be
-    echoed into an error body and a log.
+    Lines are numbered in the message (the request or status line is 1), and
+    never quoted: a malformed ``Authorization`` line would otherwise be echoed
+    into an error body and a log.
     """
-    for line in block.split(b"\r\n")[:-1]:
+    for number, line in enumerate(block.split(b"\r\n")[:-1], first_line):
         if _FIELD_LINES.fullmatch(line + b"\r\n") is None:
-            return field_name(line)
-    return b""
-
-
-def field_name(line: bytes) -> bytes:
-    """The name a header line starts with (its leading token), at most 40 bytes; nothing of the value."""
-    name = _NAME.match(line)
-    return name.group()[:40] if name else b""
+            if line[:1] in (b" ", b"\t"):
+                return f"obsolete line folding (a line starting with whitespace) at header line {number}"
+            name = _NAME.match(line)
+            if name is None or line[name.end() : name.end() + 1] != b":":
+                return f"header line {number} has no valid name (a token followed by a colon)"
+            return f"header line {number} has a control character in its value"
+    return "malformed header block"
 
 
 def connection_tokens(connection_values: Iterable[str]) -> set[str]:
@@ -91,6 +104,110 @@ def has_body(method: str, status: int) -> bool:
     return method != "HEAD" and status >= 200 and status not in (204, 304)
 
 
+# ---------------------------------------------------------------- framing: how long a body is
+
+
+class FramingError(ValueError):
+    """A message whose body cannot be delimited with certainty: refused, and its connection closed."""
+
+
+@dataclass(frozen=True, slots=True)
+class Framing:
+    """How a message's body is delimited (RFC 9112 6.3), decided once per message from its head.
+
+    ``kind`` is "none", "length" (``length`` bytes), "chunked", or "close"
+    (the body runs until the connection closes). ``reusable`` is False when
+    the connection must close after this message even if it is read whole:
+    "when in doubt, close".
+    """
+
+    kind: str
+    length: int | None = None
+    reusable: bool = True
+    codings: tuple[str, ...] = ()  # transfer codings other than a final chunked, as sent (responses only)
+
+
+NO_BODY = Framing("none")
+
+
+def transfer_codings(values: Iterable[str]) -> list[str]:
+    """The transfer codings of Transfer-Encoding values, lower-cased; raises FramingError on anything but tokens.
+
+    Compared as ASCII tokens: ``str.strip`` and ``str.lower`` would also strip
+    Unicode spaces (``chunked\\x85``) and fold look-alikes (the Kelvin sign),
+    turning a value the next hop reads differently into "chunked".
+    """
+    codings = []
+    for value in values:
+        for element in value.split(","):
+            coding = element.strip(" \t")
+            if not coding:
+                continue
+            if not coding.isascii() or _TOKEN.fullmatch(coding.partition(";")[0].rstrip(" \t")) is None:
+                raise FramingError("Transfer-Encoding must be a list of transfer codings (tokens)")
+            codings.append(coding.lower())
+    return codings
+
+
+def content_length(values: list[str]) -> int | None:
+    """The one Content-Length of a message (None when absent); raises FramingError when repeated or invalid."""
+    if not values:
+        return None
+    if len(values) > 1:
+        raise FramingError("Content-Length is repeated")
+    if _DIGITS.fullmatch(values[0]) is None:
+        raise FramingError(f"Content-Length must be a decimal number of at most {MAX_LENGTH_DIGITS} digits")
+    return int(values[0])
+
+
+def request_framing(headers: Any, http11: bool) -> Framing:
+    """The framing of a request's body (RFC 9112 6.1-6.3), strictly: anything a peer might read otherwise is refused.
+
+    Chunked must be the only transfer coding, in HTTP/1.1, without Content-Length.
+    """
+    lengths = headers.getall("Content-Length", ())
+    if "Transfer-Encoding" in headers:
+        codings = transfer_codings(headers.getall("Transfer-Encoding"))
+        if codings != ["chunked"] or lengths or not http11:
+            raise FramingError("Transfer-Encoding must be chunked alone, without Content-Length, in HTTP/1.1")
+        return Framing("chunked")
+    length = content_length(lengths)
+    return NO_BODY if not length else Framing("length", length)
+
+
+def response_framing(method: str, status: int, headers: Any, http11: bool) -> Framing:
+    """The framing of a response's body by RFC 9112 6.3, in its order; raises FramingError.
+
+    No body for HEAD, 1xx, 204 and 304. A Transfer-Encoding whose final coding
+    is chunked wins over a Content-Length (then dropped, and the connection
+    closed after the answer, as a smuggling attempt is likely); any other final
+    coding means the body runs until the connection closes. Content-Length is
+    used only when there is no Transfer-Encoding, and must be one number.
+    Only an HTTP/1.1 answer without ``Connection: close`` leaves its
+    connection reusable.
+    """
+    reusable = http11 and "close" not in connection_tokens(headers.getall("Connection", ()))
+    lengths = headers.getall("Content-Length", ())
+    if method == "HEAD" or status < 200 or status in (204, 304):
+        content_length(lengths)  # validated even so: a HEAD answer's length is relayed
+        return Framing("none", reusable=reusable)
+    if "Transfer-Encoding" in headers:
+        codings = transfer_codings(headers.getall("Transfer-Encoding"))
+        if "chunked" in codings[:-1]:
+            raise FramingError("chunked is not the final transfer coding, or is applied twice")
+        if codings and codings[-1] == "chunked":
+            return Framing("chunked", reusable=reusable and not lengths, codings=tuple(codings[:-1]))
+        if codings:
+            return Framing("close", reusable=False, codings=tuple(codings))
+    length = content_length(lengths)
+    if length is None:
+        return Framing("close", reusable=False)
+    return Framing("length", length, reusable)
+
+
+# ---------------------------------------------------------------- readers, one per framing mode
+
+
 _date_second = 0
 _date_value = ""
 
@@ -109,22 +226,29 @@ class ChunkDecoder:
     """Incremental ``Transfer-Encoding: chunked`` decoding; ``rest`` holds what follows the last chunk.
 
     Sizes are strict hex (no sign, prefix or underscore that ``int()`` would
-    take): a lenient reading here is how request smuggling starts.
+    take): a lenient reading here is how request smuggling starts. Every line
+    (size and extensions, or trailer) is capped at MAX_CHUNK_LINE however the
+    reads split it, and ``framing`` counts the bytes that are not data, so
+    that a caller can bound what a body of tiny chunks costs.
     """
+
+    __slots__ = ("buffer", "framing", "remaining", "rest", "state")
 
     def __init__(self) -> None:
         self.buffer = b""
         self.remaining = 0  # bytes of chunk data still to come
         self.state = "size"  # size | data | data_crlf | trailers
         self.rest = b""
+        self.framing = 0  # bytes of size lines, extensions, CRLFs and trailers so far
 
-    def feed(self, data: bytes) -> tuple[list[bytes], bool]:
-        """The data bytes in ``data`` and whether the body ended; raises ValueError on bad framing."""
+    def feed(self, data: bytes) -> tuple[bytes, bool]:
+        """The data bytes in ``data`` (in one piece) and whether the body ended; raises FramingError."""
         pieces: list[bytes] = []
         buffer = self.buffer + data if self.buffer else data
         self.buffer = b""
         position = 0
-        while position < len(buffer):
+        size = len(buffer)
+        while position < size:
             if self.state == "data":
                 piece = buffer[position : position + self.remaining]
                 pieces.append(piece)
@@ -133,33 +257,32 @@ class ChunkDecoder:
                 if self.remaining == 0:
                     self.state = "data_crlf"
                 continue
-            end = buffer.find(b"\r\n", position)
+            end = buffer.find(b"\r\n", position, position + MAX_CHUNK_LINE + 2)
             if end < 0:
+                if size - position > MAX_CHUNK_LINE + 1:
+                    raise FramingError(f"a chunk-size or trailer line longer than {MAX_CHUNK_LINE} bytes")
                 self.buffer = buffer[position:]
-                if len(self.buffer) > MAX_CHUNK_LINE:
-                    raise ValueError("a chunk-size or trailer line longer than 4 KiB")
                 break
             line = buffer[position:end]
+            self.framing += end + 2 - position
             position = end + 2
             if self.state == "data_crlf":
                 if line:
-                    raise ValueError("chunk data longer than its declared size")
+                    raise FramingError("chunk data longer than its declared size")
                 self.state = "size"
-            elif FORBIDDEN_IN_LINE.search(line):
-                raise ValueError("a control character (a bare CR or LF) in a chunk-size or trailer line")
             elif self.state == "size":
-                size_text = line.split(b";", 1)[0].rstrip(b" \t")
-                if not _CHUNK_SIZE.fullmatch(size_text):
-                    raise ValueError(f"invalid chunk size {size_text[:20]!r}")
-                size = int(size_text, 16)
-                if size == 0:
+                match = _CHUNK_LINE.fullmatch(line)
+                if match is None:
+                    raise FramingError("invalid chunk-size line (a hex size, then ;extensions)")
+                chunk_size = int(match.group(1), 16)
+                if chunk_size == 0:
                     self.state = "trailers"
                 else:
-                    self.remaining, self.state = size, "data"
-            elif self.state == "trailers":
+                    self.remaining, self.state = chunk_size, "data"
+            else:  # trailers
                 if not line:
                     self.rest = buffer[position:]
-                    return pieces, True
+                    return (pieces[0] if len(pieces) == 1 else b"".join(pieces)), True
                 if _FIELD_LINES.fullmatch(line + b"\r\n") is None:
-                    raise ValueError(f"malformed trailer line (name {field_name(line)!r})")
-        return pieces, False
+                    raise FramingError("malformed trailer line")
+        return (pieces[0] if len(pieces) == 1 else b"".join(pieces)), False

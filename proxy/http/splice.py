@@ -45,11 +45,13 @@ def socket_fd(transport: asyncio.BaseTransport) -> int | None:
 
 async def splice_body(
     upstream: asyncio.Transport, client: asyncio.Transport, prefix: bytes, length: int, idle_timeout: float | None
-) -> None:
+) -> bool:
     """Send ``prefix`` (head and body bytes already read), then ``length`` body bytes straight from ``upstream``.
 
-    Raises ``UpstreamClosed``, ``ClientClosed`` or ``TimeoutError`` (no progress
-    for ``idle_timeout`` seconds); the caller then aborts both connections.
+    Returns whether the upstream connection is clean: nothing beyond the body
+    is waiting in its socket (a byte more, or its end, and it must not be
+    pooled). Raises ``UpstreamClosed``, ``ClientClosed`` or ``TimeoutError`` (no
+    progress for ``idle_timeout`` seconds); the caller then aborts both connections.
     """
     upstream_fd, client_fd = socket_fd(upstream), socket_fd(client)
     if upstream_fd is None or client_fd is None:
@@ -59,12 +61,14 @@ async def splice_body(
     pump = _Pump(os.dup(upstream_fd), socket.socket(fileno=os.dup(client_fd)), prefix, length, idle_timeout)
     try:
         await pump.done
+        clean = pump.upstream_clean()
     finally:
         pump.close()
     if not upstream.is_closing():
         upstream.resume_reading()
     if not client.is_closing():
         client.resume_reading()
+    return clean
 
 
 class _Pump:
@@ -137,6 +141,17 @@ class _Pump:
         if moved:
             self.progress = time.monotonic()
         return moved
+
+    def upstream_clean(self) -> bool:
+        """Nothing (no byte, no end of file) waits in the upstream socket after the body."""
+        with socket.socket(fileno=os.dup(self.upstream)) as peek:
+            try:
+                peek.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)  # a byte, or b"" at the end of file
+            except BlockingIOError:
+                return True
+            except OSError:
+                pass
+        return False
 
     def _watch(self, *, want_read: bool, want_write: bool) -> None:
         if want_read != self.reading:

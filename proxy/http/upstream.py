@@ -26,15 +26,17 @@ from collections.abc import Iterable
 from multidict import CIMultiDict
 
 from .egress import Egress, EgressError, ProxyEnvironment
-from .http1 import ChunkDecoder, malformed_name, parse_fields
+from .http1 import ChunkDecoder, FramingError, malformed_line, parse_fields, response_framing
 from .tls import tls_context, tls_failure
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 HIGH_WATER = 1 << 20  # pause reading from the upstream above this much unread body
 MAX_HEAD = 64 * 1024  # status line and headers
 IDLE_KEEP = 30.0  # seconds an unused pooled connection is kept
-_DIGITS = re.compile(r"[0-9]+")
-_REASON = re.compile(r"[^\x00-\x08\x0a-\x1f\x7f]*").fullmatch  # no CR, LF or other control (RFC 9112 4)
+MAX_INTERIM = 8  # 1xx answers skipped before one request's answer; more is a 502
+PIECE_COST = 64  # what holding one body piece costs beyond its bytes, counted towards HIGH_WATER
+# A reason phrase has no CR, LF or other control (RFC 9112 4); a missing one is tolerated, as llhttp does.
+_STATUS_LINE = re.compile(r"HTTP/1\.([01]) ([0-9]{3})(?: ([^\x00-\x08\x0a-\x1f\x7f]*+))?")
 
 
 class UpstreamError(Exception):
@@ -117,28 +119,33 @@ class _Connection(asyncio.Protocol):
         if response is None:
             self._abort()  # bytes nobody asked for: this connection is no longer trustworthy
             return
+        response.received_any = True  # from here on the request is never sent again
         if response.headers_done:
             response.feed_body(data)
             return
-        self.head += data
-        end = self.head.find(b"\r\n\r\n")
-        if end < 0:
-            if len(self.head) > MAX_HEAD:
-                response.fail(BadResponse("the response headers are larger than 64 KiB"))
+        head = self.head
+        searched = max(len(head) - 3, 0)  # look for the end of the head only in what is new
+        head += data
+        while True:
+            end = head.find(b"\r\n\r\n", searched)
+            if end < 0 or end + 4 > MAX_HEAD:
+                if end >= 0 or len(head) > MAX_HEAD:
+                    response.fail(BadResponse("the response headers are larger than 64 KiB"))
+                    self._abort()
+                return
+            block = bytes(head[:end])
+            del head[: end + 4]
+            try:
+                interim = response.parse_head(block)
+            except BadResponse as error:
+                response.fail(error)
                 self._abort()
-            return
-        head, rest = bytes(self.head[:end]), bytes(self.head[end + 4 :])
-        self.head.clear()
-        try:
-            interim = response.parse_head(head)
-        except BadResponse as error:
-            response.fail(error)
-            self._abort()
-            return
-        if interim:  # 1xx: the real response follows
-            if rest:
-                self.data_received(rest)
-            return
+                return
+            if not interim:  # else a 1xx: the real response follows (a bounded number of them)
+                break
+            searched = 0
+        rest = bytes(head)
+        head.clear()
         response.feed_body(rest)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -180,7 +187,9 @@ class UpstreamResponse:
         self.headers: CIMultiDict[str] = CIMultiDict()
         self.content_length: int | None = None
         self.headers_done = False
-        self.received_any = False
+        self.received_any = False  # a byte of the answer arrived (so the request cannot be sent again)
+        self.interim = 0  # 1xx answers skipped so far
+        self.codings: tuple[str, ...] = ()  # transfer codings besides chunked, relayed as they are
         self.idle_timeout: float | None = None  # the longest wait for more body bytes
         self._head_waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._chunks: deque[bytes] = deque()
@@ -198,74 +207,72 @@ class UpstreamResponse:
     # ------------------------------------------------------------ parsing (called by the connection)
 
     def parse_head(self, head: bytes) -> bool:
-        """Parse the status line and headers; True for a 1xx interim answer (ignored)."""
-        self.received_any = True
-        lines = head.split(b"\r\n", 1)
-        status_line = lines[0].decode("utf-8", "surrogateescape")  # a reason in UTF-8 goes back unchanged
-        version, _, rest = status_line.partition(" ")
-        code, _, reason = rest.partition(" ")
-        if not version.startswith("HTTP/1.") or len(code) != 3 or not code.isdigit() or not _REASON(reason):
+        """Parse the status line and headers; True for a 1xx interim answer (skipped)."""
+        status_line, _, block = head.partition(b"\r\n")
+        line = _STATUS_LINE.fullmatch(status_line.decode("utf-8", "surrogateescape"))  # a UTF-8 reason stays
+        if line is None:
             raise BadResponse(f"not an HTTP/1.x status line: {status_line[:80]!r}")
+        minor, code, reason = line.groups()
         status = int(code)
         if 100 <= status < 200 and status != 101:
+            self.interim += 1
+            if self.interim > MAX_INTERIM:
+                raise BadResponse(f"more than {MAX_INTERIM} interim (1xx) answers to one request")
             return True
         if not 200 <= status <= 599:
             # 101 included: this client never asks to switch protocols (WebSockets go elsewhere).
             raise BadResponse(f"unexpected status {status}")
-        block = lines[1] + b"\r\n" if len(lines) > 1 else b""
+        block = block + b"\r\n" if block else b""
         try:
             fields = parse_fields(block)
         except UnicodeDecodeError:
             # Relayed as str and written back as UTF-8: anything else would change bytes.
             raise BadResponse("a header value is not UTF-8 and cannot be relayed unchanged") from None
         if fields is None:
-            raise BadResponse(f"malformed header line (name {malformed_name(block)!r})")
+            raise BadResponse(malformed_line(block))
         headers = CIMultiDict(fields)
-        self.status, self.reason, self.headers = status, reason, headers
-        connection = headers.get("Connection", "").lower()
-        self._keep_alive = version == "HTTP/1.1" and "close" not in connection
-        lengths = set(headers.getall("Content-Length", ()))
-        transfer = [c.strip().lower() for v in headers.getall("Transfer-Encoding", ()) for c in v.split(",")]
-        if len(lengths) > 1 or any(not _DIGITS.fullmatch(v) for v in lengths):
-            raise BadResponse(f"invalid or conflicting Content-Length {sorted(lengths)!r}")
-        if transfer and (transfer != ["chunked"] or lengths):
-            # Any other coding, or chunked beside a length, is framing we would relay wrong (RFC 9112 6.3).
-            raise BadResponse(f"unsupported framing: Transfer-Encoding {', '.join(transfer)!r}")
-        if len(headers.getall("Content-Length", ())) > 1:
-            headers["Content-Length"] = lengths.pop()  # repeated with one value: relayed once
-            lengths = {headers["Content-Length"]}
-        if self.method == "HEAD" or status in (204, 304):
+        try:
+            framing = response_framing(self.method, status, headers, minor == "1")
+        except FramingError as error:
+            raise BadResponse(f"unusable framing: {error}") from None
+        self.status, self.reason, self.headers = status, reason or "", headers
+        self.codings = framing.codings
+        self._keep_alive = framing.reusable
+        if framing.kind == "none":
             self._finish_body()
-        elif transfer:
+        elif framing.kind == "chunked":
             self._chunked = True
             self._chunk_state = ChunkDecoder()
-        elif lengths:
-            self.content_length = self._remaining = int(next(iter(lengths)))
+        elif framing.kind == "length":
+            self.content_length = self._remaining = framing.length
             if self._remaining == 0:
                 self._finish_body()
         else:
             self._until_close = True
-            self._keep_alive = False
         self.headers_done = True
         if not self._head_waiter.done():
             self._head_waiter.set_result(None)
         return False
 
     def feed_body(self, data: bytes) -> None:
-        if not data or self._eof:
-            if data and self._eof:
-                self._keep_alive = False  # more bytes than the framing allowed
+        if not data:
+            return
+        if self._eof:
+            self._keep_alive = False  # more bytes than the framing allowed: never reused
             return
         if self._chunked:
+            decoder = self._chunk_state
+            assert decoder is not None
             try:
-                pieces, done = self._chunk_state.feed(data)  # type: ignore[union-attr]
-            except ValueError as error:
+                piece, done = decoder.feed(data)
+            except FramingError as error:
                 self.fail(BadResponse(str(error)))
                 self.connection._abort()
                 return
-            for piece in pieces:
-                self._push(piece)
+            self._push(piece)
             if done:
+                if decoder.rest:
+                    self._keep_alive = False
                 self._finish_body()
         elif self._remaining is not None:
             piece = data[: self._remaining]
@@ -282,7 +289,7 @@ class UpstreamResponse:
         if not piece:
             return
         self._chunks.append(piece)
-        self._buffered += len(piece)
+        self._buffered += len(piece) + PIECE_COST
         if self._buffered > HIGH_WATER and not self._paused and self.connection.transport is not None:
             self._paused = True
             self.connection.transport.pause_reading()
@@ -343,9 +350,13 @@ class UpstreamResponse:
             return 0
         return self._remaining if not self._chunks else 0
 
-    def spliced(self) -> None:
-        """The rest of the body went from the socket to the client without passing through here."""
+    def spliced(self, clean: bool) -> None:
+        """The rest of the body went from the socket to the client without passing through here.
+
+        ``clean`` says nothing followed it in the socket; otherwise the connection is never pooled.
+        """
         self._remaining = 0
+        self._keep_alive = self._keep_alive and clean
         self._finish_body()
 
     def is_eof(self) -> bool:
@@ -367,7 +378,7 @@ class UpstreamResponse:
             finally:
                 self._body_waiter = None
         data = self._chunks.popleft()
-        self._buffered -= len(data)
+        self._buffered -= len(data) + PIECE_COST
         self._consumed()
         return data
 

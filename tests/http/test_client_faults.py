@@ -239,8 +239,7 @@ MALFORMED_REQUESTS = {
 }
 TARGETS_THAT_ARE_NOT_PATHS = {
     "asterisk-form": b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n",
-    "authority-form": b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n",
-}
+}  # CONNECT and absolute-form to other hosts: tests/http/test_smuggling.py
 
 
 @pytest.mark.parametrize("name", [*MALFORMED_REQUESTS, *TARGETS_THAT_ARE_NOT_PATHS])
