@@ -146,6 +146,8 @@ def transfer_codings(values: Iterable[str]) -> list[str]:
             if not coding.isascii() or _TOKEN.fullmatch(coding.partition(";")[0].rstrip(" \t")) is None:
                 raise FramingError("Transfer-Encoding must be a list of transfer codings (tokens)")
             codings.append(coding.lower())
+    if not codings:
+        raise FramingError("Transfer-Encoding is empty")
     return codings
 
 
@@ -186,20 +188,23 @@ def response_framing(method: str, status: int, headers: Any, http11: bool) -> Fr
     Only an HTTP/1.1 answer without ``Connection: close`` leaves its
     connection reusable.
     """
-    reusable = http11 and "close" not in connection_tokens(headers.getall("Connection", ()))
     lengths = headers.getall("Content-Length", ())
+    # Both framings at once is likely an attempt at smuggling: whatever is read, the connection then closes.
+    both = bool(lengths) and "Transfer-Encoding" in headers
+    reusable = http11 and not both and "close" not in connection_tokens(headers.getall("Connection", ()))
+    # Validated even where they do not apply: a HEAD answer's length is relayed, and a malformed
+    # framing header is a sign the next hop may read this answer differently.
+    codings = transfer_codings(headers.getall("Transfer-Encoding")) if "Transfer-Encoding" in headers else []
+    if "chunked" in codings[:-1]:
+        raise FramingError("chunked is not the final transfer coding, or is applied twice")
+    if not codings:
+        length = content_length(lengths)
     if method == "HEAD" or status < 200 or status in (204, 304):
-        content_length(lengths)  # validated even so: a HEAD answer's length is relayed
         return Framing("none", reusable=reusable)
-    if "Transfer-Encoding" in headers:
-        codings = transfer_codings(headers.getall("Transfer-Encoding"))
-        if "chunked" in codings[:-1]:
-            raise FramingError("chunked is not the final transfer coding, or is applied twice")
-        if codings and codings[-1] == "chunked":
-            return Framing("chunked", reusable=reusable and not lengths, codings=tuple(codings[:-1]))
-        if codings:
-            return Framing("close", reusable=False, codings=tuple(codings))
-    length = content_length(lengths)
+    if codings and codings[-1] == "chunked":
+        return Framing("chunked", reusable=reusable, codings=tuple(codings[:-1]))
+    if codings:
+        return Framing("close", reusable=False, codings=tuple(codings))
     if length is None:
         return Framing("close", reusable=False)
     return Framing("length", length, reusable)

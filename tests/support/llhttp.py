@@ -21,6 +21,8 @@ class Message:
     target: bytes = b""
     status: int = 0
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    trailers: list[tuple[bytes, bytes]] = field(default_factory=list)  # fields after a chunked body
+    headers_done: bool = False
     body: bytes = b""
     complete: bool = False
     keep_alive: bool = False
@@ -43,10 +45,12 @@ class _Collector:
         self.messages[-1].target += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.messages[-1].headers.append((name, value))
+        message = self.messages[-1]
+        (message.trailers if message.headers_done else message.headers).append((name, value))
 
     def on_headers_complete(self) -> None:
         message = self.messages[-1]
+        message.headers_done = True
         assert self.parser is not None
         if isinstance(self.parser, httptools.HttpRequestParser):
             message.method = self.parser.get_method()
@@ -77,8 +81,10 @@ def parse(data: bytes, *, response: bool, eof: bool = False) -> tuple[list[Messa
     except httptools.HttpParserError as exc:
         error = str(exc) or type(exc).__name__
     last = collector.messages[-1] if collector.messages else None
-    if eof and error is None and last is not None and not last.complete and last.status:
-        last.complete = not (last.header(b"content-length") or last.header(b"transfer-encoding"))
+    if eof and error is None and last is not None and not last.complete and last.headers_done and last.status:
+        codings = b",".join(last.header(b"transfer-encoding")).split(b",")
+        chunked = codings[-1].strip(b" \t").lower() == b"chunked"
+        last.complete = not chunked and not (last.header(b"content-length") and codings == [b""])
     return collector.messages, error
 
 
