@@ -377,5 +377,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(f"signing-proxy: configuration error:\n{error}", file=sys.stderr)
         return EXIT_CONFIG
+    except ModuleNotFoundError as error:
+        # A feature whose package is not installed (an optional extra): one line that says what to install.
+        print(
+            f"signing-proxy: {args.command} needs the Python package {error.name!r}, which is not installed here; "
+            f"install it (pip install {error.name}) or the extra that brings it (pip install 'signing-proxy[...]')",
+            file=sys.stderr,
+        )
+        return 1
     except KeyboardInterrupt:
         return 130
