@@ -524,10 +524,10 @@ class Connection(asyncio.Protocol):
             if request.method == "CONNECT" and self.front.connect is not None:
                 self._connect(request)
                 return
+            request._frame_body()  # before a hand-over too: every refusal is ours, in JSON
             if request.headers.get("Upgrade", "").lower() == "websocket":
                 self._hand_over(request, buffer)
                 return
-            request._frame_body()
         except Refusal as error:
             log.debug("refused a malformed request: %s", error.message)
             self._refuse(error)
@@ -585,7 +585,13 @@ class Connection(asyncio.Protocol):
 
         Its request parser refuses raw UTF-8 in the target, so the target is
         replayed percent-encoded (the same request once normalised for signing).
+        Only what both parsers read the same way is handed over: a GET in
+        HTTP/1.1 without a body (RFC 6455 4.1), whose head ours has already
+        parsed and checked; anything else is refused here, in JSON. A body would
+        be read by aiohttp as what follows the upgrade.
         """
+        if request.method != "GET" or not request.http11 or request.body_exists:
+            raise Refusal("a WebSocket upgrade is a GET in HTTP/1.1, without a body (RFC 6455 4.1)")
         transport = self.transport
         assert transport is not None
         self.front.connections.discard(self)

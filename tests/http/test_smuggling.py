@@ -312,3 +312,33 @@ async def test_a_chunk_extension_is_capped_however_the_reads_split_it(split: boo
         writer.close()
     assert raw.startswith(b"HTTP/1.1 400 ") or (split and not raw), raw[:300]
     assert upstream.seen == []
+
+
+# ---------------------------------------------------------------- requests: the WebSocket upgrade
+
+UPGRADE = (
+    b"Host: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+)
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        b"GET /ws HTTP/1.1\r\n" + UPGRADE + b"Content-Length: 5\r\n\r\nhello",
+        b"GET /ws HTTP/1.1\r\n" + UPGRADE + b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        b"POST /ws HTTP/1.1\r\n" + UPGRADE + b"\r\n",
+        b"GET /ws HTTP/1.1\r\n" + UPGRADE + b"Transfer-Encoding: chunked\xc2\x85\r\n\r\n",
+    ],
+    ids=["length-body", "chunked-body", "post", "bad-framing"],
+)
+async def test_an_upgrade_request_aiohttp_would_read_differently_is_refused_in_json(
+    message: bytes, scripted, start_proxy
+) -> None:
+    """The upgrade is parsed and judged by our parser; only a body-less GET goes on to the WebSocket server."""
+    upstream = await scripted(scripted_answers(ok()))
+    proxy = await start_proxy(static_route(upstream.url))
+    messages, raw = await answers(proxy.port, message, 1)
+    assert messages[0].status == 400, raw
+    assert json.loads(messages[0].body)["reason"] == "bad_request", raw
+    assert upstream.seen == []
