@@ -71,6 +71,7 @@ FRAMING_FIELDS = frozenset({"content-length", "transfer-encoding"})  # written b
 # Bytes of chunk framing (size lines, extensions, CRLFs, trailers) a request body may have beyond a quarter
 # of its data: chunks of a few bytes would otherwise cost far more CPU and memory than their data.
 MAX_CHUNK_FRAMING = 64 * 1024
+SMALL_PIECE = 16 * 1024  # body pieces below this are coalesced into one buffer
 
 
 def error_body(message: str, reason: str) -> bytes:
@@ -160,8 +161,8 @@ class Request:
     """One request: its head as sent, its body (read on demand) and its answer."""
 
     __slots__ = (
-        "_body",
         "_body_error",
+        "_body_parts",
         "_body_size",
         "_body_waiter",
         "_chunks",
@@ -193,7 +194,8 @@ class Request:
         self.expect_continue = False
         self._remaining: int | None = None  # Content-Length bytes still to come
         self._chunks: ChunkDecoder | None = None
-        self._body: bytes | bytearray = b""  # one buffer however the body arrives (a piece costs no more)
+        # Large reads as they came, small ones coalesced: a body costs about its size however it is cut.
+        self._body_parts: list[bytes | bytearray] = []
         self._body_size = 0
         self._digest: Any = None
         self._body_waiter: asyncio.Future[None] | None = None
@@ -257,13 +259,13 @@ class Request:
                 self._end_body(BodyTooLarge())
                 return b""
             self._digest.update(piece)
-            body = self._body
-            if not body:
-                self._body = piece  # most bodies arrive in one read: kept without a copy
-            elif isinstance(body, bytes):
-                self._body = bytearray(body) + piece
+            parts = self._body_parts
+            if len(piece) >= SMALL_PIECE:
+                parts.append(piece)  # a large read is kept as it came, without a copy
+            elif parts and type(parts[-1]) is bytearray:
+                parts[-1] += piece  # small ones are coalesced: no object per tiny chunk
             else:
-                body += piece
+                parts.append(bytearray(piece))
         if done:
             self._end_body(None)
         return rest
@@ -303,7 +305,7 @@ class Request:
             raise self._body_error  # type: ignore[misc]
         if self._body_size > limit:  # a chunked body under the front's bound, over this request's
             raise BodyTooLarge
-        return [self._body], self._body_size, self._digest.hexdigest()  # type: ignore[list-item]
+        return self._body_parts, self._body_size, self._digest.hexdigest()  # type: ignore[return-value]
 
     # ------------------------------------------------------------ the answer
 
