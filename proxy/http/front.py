@@ -5,13 +5,18 @@ request's CPU time on things a relay does not use: request objects with
 lazily parsed URLs, routers, middlewares, response objects that re-serialise
 headers. Here a connection is one ``asyncio.Protocol``:
 
-* the head is parsed in one pass, one regular expression a line, and kept as
-  the client sent it: raw UTF-8 in the target (curl sends ``?q=café``) and
-  Latin-1 bytes in header values go on unchanged;
+* the head is parsed in one pass, by patterns that cannot backtrack (time
+  linear in its size), and kept as the client sent it: raw UTF-8 in the
+  target (curl sends ``?q=café``) and Latin-1 bytes in header values go on
+  unchanged; which target forms are served is one decision
+  (``origin_form_only``, or what ``Front(admit=...)`` is given);
+* the body's framing is decided once (``http1.request_framing``), strictly:
+  whatever a peer might read differently is refused and the connection closed;
 * a body is hashed and collected as it arrives, in the protocol's callback,
   so the handler waits once for all of it; ``Expect: 100-continue`` is
   answered when the handler asks for the body, after its size was checked;
-* an answer goes out with as few writes as possible: head and a complete
+* an answer is always framed by the proxy itself (``Response``), and goes
+  out with as few writes as possible: head and a complete
   body in one, a streamed body chunk by chunk (chunked to HTTP/1.1 clients
   when the upstream gave no length), pausing while the client is slow; a
   client that stops reading its answers is not read from either, so
@@ -21,8 +26,9 @@ headers. Here a connection is one ``asyncio.Protocol``:
   request line, 431 for headers, 505 for the version), in JSON like every
   answer of the proxy's own, and never a traceback.
 
-A WebSocket upgrade is handed, with the bytes already read, to aiohttp's
-server, which does the WebSocket framing (see ``websocket``).
+A WebSocket upgrade, once parsed and judged here, is handed with the bytes
+already read to aiohttp's server, which does the WebSocket framing (see
+``websocket``).
 
 ``CONNECT`` goes to the ``connect`` hook when the front has one (see
 ``tunnel``): refused, a blind tunnel, or TLS terminated here with
