@@ -477,7 +477,7 @@ def answer_preflight(request: Request, policy: cors.Policy) -> None:
     except cors.Rejected as rejected:
         request.refuse(Refusal(str(rejected), 403, "cors_not_allowed", tuple(policy.answer_headers(origin, ()))))
         return
-    request.respond(204, "No Content", allowed).send(length=False)
+    request.respond(204, "No Content", allowed).send()
 
 
 def cut_short(response: Response, upstream: UpstreamResponse, exchange: Exchange, error: Exception) -> None:
