@@ -47,6 +47,7 @@ class RecordingTransport:
         self.written = bytearray()
         self.closed = False
         self.reading = True
+        self.protocol: Any = None  # what reads from it now (the front hands a refused connection to a lingerer)
 
     def write(self, data: bytes) -> None:
         self.written += data
@@ -74,6 +75,15 @@ class RecordingTransport:
 
     def get_write_buffer_size(self) -> int:
         return 0
+
+    def set_protocol(self, protocol: Any) -> None:
+        self.protocol = protocol
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        self.closed = True  # nothing more is written, and nothing more is parsed as requests
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return ("127.0.0.1", 8080) if name == "sockname" else default
@@ -121,11 +131,12 @@ def run_front(reads: list[bytes]) -> FrontRun:
         front = Front(handler, max_body=1 << 20, header_timeout=30.0, upgrade=lambda: None)
         connection = Connection(front)
         transport = RecordingTransport()
+        transport.protocol = connection
         connection.connection_made(transport)  # type: ignore[arg-type]
         for data in reads:
             if transport.closed:
                 break
-            connection.data_received(data)
+            transport.protocol.data_received(data)
             for _ in range(3):
                 await asyncio.sleep(0)  # let the handler read the body and answer
         for _ in range(5):
