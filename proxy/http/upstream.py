@@ -218,6 +218,9 @@ class UpstreamResponse:
             self.interim += 1
             if self.interim > MAX_INTERIM:
                 raise BadResponse(f"more than {MAX_INTERIM} interim (1xx) answers to one request")
+            fields = block + b"\r\n" if block else b""
+            if parse_fields(fields, "surrogateescape") is None:  # skipped, but it must be well-formed
+                raise BadResponse("interim answer: " + malformed_line(fields))
             return True
         if not 200 <= status <= 599:
             # 101 included: this client never asks to switch protocols (WebSockets go elsewhere).

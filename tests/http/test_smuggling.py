@@ -342,3 +342,18 @@ async def test_an_upgrade_request_aiohttp_would_read_differently_is_refused_in_j
     assert messages[0].status == 400, raw
     assert json.loads(messages[0].body)["reason"] == "bad_request", raw
     assert upstream.seen == []
+
+
+async def test_a_malformed_interim_answer_is_502(scripted, start_proxy) -> None:
+    """An interim answer is skipped, never trusted: a malformed one (here an obs-fold) is as bad as any other."""
+
+    async def folded(seen: Seen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 103 Early\r\nLink: </a>\r\n folded\r\n\r\n" + ok(b"late"))
+        await writer.drain()
+        return False
+
+    upstream = await scripted(folded)
+    proxy = await start_proxy(static_route(upstream.url))
+    messages, raw = await answers(proxy.port, GET_CLOSE, 1)
+    assert messages[0].status == 502, raw
+    assert "obsolete line folding" in json.loads(messages[0].body)["message"], raw
