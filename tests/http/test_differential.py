@@ -22,7 +22,6 @@ import asyncio
 import itertools
 import random
 from dataclasses import dataclass, field
-from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -30,6 +29,7 @@ from hypothesis import strategies as st
 from proxy.http.front import BodyTooLarge, Connection, Front, Refusal, Request
 from proxy.http.upstream import Pool, UpstreamError, UpstreamResponse, _Connection
 from tests.support.llhttp import Message, parse
+from tests.support.transport import RecordingTransport
 
 EXAMPLES = 2500
 PROFILE = settings(
@@ -38,55 +38,6 @@ PROFILE = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-
-
-class RecordingTransport:
-    """Where the code under test writes; it stands in for the socket (what it parses is the real code)."""
-
-    def __init__(self) -> None:
-        self.written = bytearray()
-        self.closed = False
-        self.reading = True
-        self.protocol: Any = None  # what reads from it now (the front hands a refused connection to a lingerer)
-
-    def write(self, data: bytes) -> None:
-        self.written += data
-
-    def writelines(self, data: Any) -> None:
-        for part in data:
-            self.written += part
-
-    def close(self) -> None:
-        self.closed = True
-
-    abort = close
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def is_reading(self) -> bool:
-        return self.reading
-
-    def pause_reading(self) -> None:
-        self.reading = False
-
-    def resume_reading(self) -> None:
-        self.reading = True
-
-    def get_write_buffer_size(self) -> int:
-        return 0
-
-    def set_protocol(self, protocol: Any) -> None:
-        self.protocol = protocol
-
-    def can_write_eof(self) -> bool:
-        return True
-
-    def write_eof(self) -> None:
-        self.closed = True  # nothing more is written, and nothing more is parsed as requests
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return ("127.0.0.1", 8080) if name == "sockname" else default
 
 
 LOOP = asyncio.new_event_loop()
