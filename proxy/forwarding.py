@@ -144,8 +144,10 @@ class Forwarder:
         ``https://`` its host whatever scheme it names); None when it routes by path. Raises ``Refusal``."""
         if tunnel is not None:
             return self.forward.for_target(tunnel, 443)
-        if raw_target.startswith("/") or not self.forward.active:
-            return None  # without forward mode, absolute-form targets route by path, as they always did
+        if raw_target.startswith("/"):
+            return None  # origin-form (absolute-form naming the proxy itself arrives as such): routed by path
+        # Absolute-form naming another host: served only for a host a forward rule covers (else 403), never
+        # sent to a route's upstream as if it had been asked for (the front's admit_target passes it here).
         return self.forward.for_target(raw_target.partition("://")[2].partition("/")[0].partition("?")[0], 443)
 
     def connect(self, request: Request) -> Terminate | Tunnel:

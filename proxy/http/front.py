@@ -9,7 +9,7 @@ headers. Here a connection is one ``asyncio.Protocol``:
   linear in its size), and kept as the client sent it: raw UTF-8 in the
   target (curl sends ``?q=café``) and Latin-1 bytes in header values go on
   unchanged; which target forms are served is one decision
-  (``origin_form_only``, or what ``Front(admit=...)`` is given);
+  (``admit_target``, or what ``Front(admit=...)`` is given);
 * the body's framing is decided once (``http1.request_framing``), strictly:
   whatever a peer might read differently is refused and the connection closed;
 * a body is hashed and collected as it arrives, in the protocol's callback,
@@ -62,7 +62,7 @@ from .http1 import (
     request_framing,
 )
 from .linger import LingeringClose
-from .target import ABSOLUTE, ORIGIN, split_absolute, target_form
+from .target import ABSOLUTE, AUTHORITY, ORIGIN, split_absolute, target_form
 from .tunnel import Terminate, Tunnel, open_blind
 
 log = logging.getLogger("signing_proxy.front")
@@ -118,7 +118,7 @@ class Front:
         admit: Callable[[Request], None] | None = None,
     ) -> None:
         self.handler = handler
-        self.admit = admit or origin_form_only  # which request-target forms are served
+        self.admit = admit or admit_target  # which request-target forms go on (the one decision)
         self.max_body = max_body
         self.header_timeout = header_timeout
         self.upgrade = upgrade  # makes the aiohttp protocol a WebSocket upgrade (and its tunnel) is handed to
@@ -437,7 +437,7 @@ class Connection(asyncio.Protocol):
     def __init__(self, front: Front) -> None:
         self.front = front
         self.transport: asyncio.Transport | None = None
-        self.buffer = b""  # bytes of the next request (its head, or more)
+        self.buffer: bytes | bytearray = b""  # bytes of the next request (its head, or more)
         self.searched = 0  # where in ``buffer`` the end of the head may start (searched up to there)
         self.request: Request | None = None  # the one being served
         self.task: asyncio.Task[None] | None = None
@@ -463,7 +463,12 @@ class Connection(asyncio.Protocol):
                 self.buffer += data
                 self._update_reading()  # a pipelined request waits its turn, in at most MAX_HEAD bytes
             return
-        self.buffer = self.buffer + data if self.buffer else data
+        if not self.buffer:
+            self.buffer = data  # most heads arrive in one read: kept without a copy
+        elif type(self.buffer) is bytearray:
+            self.buffer += data
+        else:  # a head in pieces grows in place: time linear in its size however it is cut
+            self.buffer = bytearray(self.buffer) + data
         self._next_request()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -755,16 +760,18 @@ class Connection(asyncio.Protocol):
             LingeringClose(transport, self.front.lingering)
 
 
-def origin_form_only(request: Request) -> None:
-    """Which request targets are served: the one decision, made for every request before anything else.
+def admit_target(request: Request) -> None:
+    """Which request-target forms go on: the one decision, made for every request before anything else.
 
-    A reverse proxy serves origin-form (``GET /path``), and absolute-form that
-    names the proxy itself (a server must accept it, RFC 9112 3.2.2), taken as
-    its path. Anything else is refused, never signed or forwarded: CONNECT
-    (``CONNECT host:443``, and ``CONNECT /x`` too), ``OPTIONS *``, absolute-form
-    naming another host (a client that took us for a forward proxy), and
-    targets that fit no form. A forward-proxy mode passes its own decision to
-    ``Front(admit=...)``.
+    Origin-form (``GET /path``) goes on. Absolute-form naming the proxy itself
+    is taken as its path (a server must accept it, RFC 9112 3.2.2); naming
+    another host, it goes on to the handler, which serves it only for a host a
+    forward rule covers and otherwise refuses it before anything is signed
+    (``forwarding``). ``CONNECT host:port`` goes to the front's ``connect`` hook,
+    which decides the same way. Refused here: ``CONNECT`` without a hook or
+    without ``host:port`` (``CONNECT /x``), ``OPTIONS *``, and targets that fit
+    no form their method takes (``GET *``, ``GET host:443``). Another policy can
+    be given as ``Front(admit=...)``.
     """
     form = request.target_form
     if form == ORIGIN:
@@ -773,15 +780,15 @@ def origin_form_only(request: Request) -> None:
         scheme, authority, origin = split_absolute(request.target)
         if scheme == "http" and request.connection.addressed_to_me(authority):
             request.target, request.target_form = origin, ORIGIN
-            return
-        raise Refusal(
-            f"signing-proxy is a reverse proxy, not a forward proxy: send the path alone ({request.method} {origin}"
-            " HTTP/1.1) to the proxy's own address",
-            403,
-            "not_a_forward_proxy",
-        )
+        return
+    if form == AUTHORITY and request.connection.front.connect is not None:
+        return
     if request.method == "CONNECT":
-        raise Refusal("signing-proxy is a reverse proxy: it opens no tunnels (CONNECT)", 403, "not_a_forward_proxy")
+        raise Refusal(
+            "CONNECT needs host:port and forward mode (hosts under forward.hosts or forward.tunnel); "
+            "this proxy forwards paths",
+            reason="bad_request_target",
+        )
     if form is None:
         raise Refusal(
             f"the request target fits no form {request.method} takes (RFC 9112 3.2): send a path starting with /",

@@ -1,6 +1,6 @@
 """The request target's four forms (RFC 9112 3.2), told apart once, when the head is parsed.
 
-Which forms are served is a separate decision (``front.origin_form_only``):
+Which forms are served is a separate decision (``front.admit_target``):
 a reverse proxy serves origin-form (``GET /path``); a forward proxy would also
 serve absolute-form (``GET http://host/path``) and CONNECT's authority-form
 (``CONNECT host:443``). ``OPTIONS *`` is asterisk-form. A target that fits no

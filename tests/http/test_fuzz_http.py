@@ -30,7 +30,7 @@ MESSAGES = 400
 CONCURRENCY = 50
 WAIT = 1.0  # seconds a connection is given to answer before the fuzzer gives up on it
 # 200/403: whatever the upstream says (403 only with a bad signature: checked separately);
-# 400 malformed; 403 the proxy's own for absolute-form to another host (not_a_forward_proxy); 404 aiohttp's
+# 400 malformed; 403 the proxy's own for absolute-form to another host (host_not_allowed); 404 aiohttp's
 # router (OPTIONS *); 413 body over max_body; 417 odd Expect.
 ALLOWED = {200, 400, 403, 404, 413, 414, 417, 431, 501, 505}
 # aiohttp echoes the request's version ("HTTP/9.9 200 OK"): see test_unsupported_http_version_is_505.
