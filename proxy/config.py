@@ -9,7 +9,6 @@ with its path is exactly the code we would otherwise get wrong.
 
 from __future__ import annotations
 
-import ipaddress
 import math
 import os
 import re
@@ -145,15 +144,6 @@ def usable_cores(cgroup_cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
     if quota == "max":
         return cores
     return max(1, min(cores, -(-int(quota) // int(period))))  # a 1.5-CPU limit gets 2 workers
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]

@@ -13,11 +13,12 @@ from collections.abc import Callable
 from aiohttp import web
 
 from .ca import CAError, CertificateAuthority
-from .config import Config, ConfigError, is_loopback
+from .config import Config, ConfigError
 from .cors import any_origin
 from .credentials import CredentialsUnavailable, Provider, build_providers
 from .forward import ForwardProxy
 from .forwarding import Forwarder
+from .http.egress import is_loopback
 from .http.front import Front, Request
 from .http.tunnel import Terminate, Tunnel
 from .http.upstream import Pool

@@ -236,7 +236,7 @@ class Egress:
         if proxy.port != own_port:
             return False
         return proxy.host == own_host or (
-            _loopback(proxy.host) and (_loopback(own_host) or own_host in ("0.0.0.0", "::"))
+            is_loopback(proxy.host) and (is_loopback(own_host) or own_host in ("0.0.0.0", "::"))
         )
 
     async def open(self, scheme: str, host: str, port: int, *, tunnel: bool = False) -> Opened:
@@ -262,7 +262,8 @@ class Egress:
         return Opened(sock, tls)
 
 
-def _loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address) is this machine's loopback."""
     if host == "localhost":
         return True
     try:

@@ -32,8 +32,9 @@ import pytest
 import yaml
 
 from proxy.cli import parser as cli_parser
-from proxy.config import is_loopback, load_config, parse_config
+from proxy.config import load_config, parse_config
 from proxy.demo import DEMO_ACCESS_KEY_ID, DEMO_SECRET_ACCESS_KEY, free_port
+from proxy.http.egress import is_loopback
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
