@@ -36,6 +36,7 @@ from .hosts import HostPattern, parse_pattern
 from .http.egress import Egress, ProxyEnvironment, ProxyURL
 from .http.tls import tls_context
 from .signing import normalize_path
+from .signing.services import ServiceRules, rules_for, s3_scope
 
 
 class ConfigError(Exception):
@@ -229,7 +230,10 @@ _AWS_HOST = re.compile(
 
 
 def region_from_host(host: str) -> str | None:
-    """The region in an AWS host name (``abc.execute-api.eu-west-1.amazonaws.com``)."""
+    """The region in an AWS host name (``abc.execute-api.eu-west-1.amazonaws.com``, any S3 style)."""
+    s3 = s3_scope(host)
+    if s3 is not None:
+        return s3[1]
     match = _AWS_HOST.search(host)
     return match.group(1) if match else None
 
@@ -294,7 +298,8 @@ class Route(_Frozen):
     path_prefix: str = "/"
     upstream: str
     region: str | None = None
-    service: str = "execute-api"
+    service: str = "execute-api"  # default: read from an S3 host name, else execute-api
+    payload: Literal["signed", "unsigned", "streaming"] | None = None  # default: see payload_mode
     credentials: str = "default"
     auth: Literal["sigv4", "cognito_id_token", "cognito_access_token", "none"] = "sigv4"
     api_key: str | None = Field(default=None, repr=False)
@@ -315,6 +320,26 @@ class Route(_Frozen):
     _ca_bundle: awsenv.Setting | None = PrivateAttr(default=None)  # the bundle in use and where it was set
     connect_to: str | None = None  # dial this http(s)://host:port; Host, TLS name and signature stay upstream's
     max_body: Size | None = None  # default: the top-level max_body
+
+    @model_validator(mode="before")
+    @classmethod
+    def _service_from_host(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "service" not in data and isinstance(data.get("upstream"), str):
+            s3 = s3_scope(urlsplit(data["upstream"]).hostname or "")
+            if s3 is not None:
+                data = {**data, "service": s3[0]}
+        return data
+
+    @model_validator(mode="after")
+    def _payload(self) -> Route:
+        allowed = self.rules.payload_modes
+        if self.payload is not None and self.payload not in allowed:
+            raise ValueError(
+                f"payload: {self.payload} is not accepted by service {self.service!r}; expected one of {list(allowed)}"
+            )
+        if self.payload not in (None, "signed") and self.auth != "sigv4":
+            raise ValueError(f"payload: {self.payload} needs auth: sigv4")
+        return self
 
     @field_validator("path_prefix")
     @classmethod
@@ -404,6 +429,20 @@ class Route(_Frozen):
     def upstream_path(self) -> str:
         path = urlsplit(self.upstream).path
         return normalize_path(path).rstrip("/") if path not in ("", "/") else ""
+
+    @cached_property
+    def rules(self) -> ServiceRules:
+        """How this route's service wants requests signed (``signing.services``)."""
+        return rules_for(self.service)
+
+    @cached_property
+    def payload_mode(self) -> str:
+        """``payload`` as set, else the service's default over https, else ``signed``."""
+        if self.payload is not None:
+            return self.payload
+        if self.auth == "sigv4" and self.upstream_scheme == "https":
+            return self.rules.default_payload_over_https
+        return "signed"
 
     @cached_property
     def resolved_region(self) -> str | None:
@@ -668,6 +707,11 @@ class Config(_Frozen):
             parse_size(rule.route_keys["max_body"]) for rule in self.forward.hosts if "max_body" in rule.route_keys
         ]
         return max([self.max_body, *(size for size in routes if size is not None), *rules])
+
+    @property
+    def streamed_max_body(self) -> int | None:
+        """The limit on a streamed body (``payload: unsigned`` or ``streaming``): ``max_body`` only if set."""
+        return self.max_body if "max_body" in self.model_fields_set else None
 
     @property
     def worker_count(self) -> int:

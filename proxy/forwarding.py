@@ -1,7 +1,8 @@
 """Forwarding: the HTTP handler that signs a request, sends it upstream and streams the answer.
 
 The request body is read (and hashed) before anything goes upstream, because
-SigV4 signs the payload hash and ``max_body`` must be enforced first. The
+SigV4 signs the payload hash and ``max_body`` must be enforced first, unless
+the route's payload mode streams it (see ``payload``). The
 response is never collected: each chunk is written to the client as it
 arrives, so memory stays flat and server-sent events flow one by one.
 
@@ -31,13 +32,15 @@ from .credentials import CredentialsUnavailable, Provider
 from .forward import Allowed, ForwardProxy
 from .hosts import split_authority
 from .http import splice
-from .http.front import BodyTooLarge, Refusal, Request, Response
+from .http.front import Refusal, Request, Response
 from .http.http1 import has_body, hop_by_hop
 from .http.tunnel import Terminate, Tunnel
 from .http.upstream import ConnectTimeout, FirstByteTimeout, Pool, UpstreamError, UpstreamResponse
 from .ops.logs import Exchange, access_log, log_access
 from .ops.metrics import Metrics
+from .payload import Payload, chain, read_payload
 from .routing import Match, Router
+from .signing import mismatch
 
 log = logging.getLogger("signing_proxy.forwarding")
 
@@ -60,13 +63,6 @@ OWNED_REQUEST_HEADERS = frozenset(
         "expect",
     }
 )
-
-
-def too_large(max_body: int) -> Refusal:
-    """413; the connection closes after it, since the rest of the body is never read."""
-    return Refusal(
-        f"request body is larger than max_body ({max_body} bytes); raise max_body to send it", 413, "body_too_large"
-    )
 
 
 def failed(exchange: Exchange, message: str, status: int, reason: str) -> Refusal:
@@ -130,6 +126,13 @@ class Forwarder:
             match = Match(allowed.route, wire_path) if allowed is not None else None
         if match is None:
             raise Refusal(f"no route matches {wire_path}; add a route whose path_prefix covers it", 404, "no_route")
+        if match.route.rules.s3_paths:
+            # The route is chosen on the normalised path; an S3 key is sent as it is, dot segments and all.
+            s3_path = signing.s3_wire_path(raw_path)
+            s3_match = self.router.match(s3_path) if allowed is None else Match(match.route, s3_path)
+            if s3_match is None or s3_match.route is not match.route:
+                raise Refusal(f"{s3_path} leaves the route {match.route.path_prefix} once its dot segments count")
+            match, exchange.path = s3_match, s3_path
         exchange.route = match.route.path_prefix if allowed is None else allowed.rule.host
         return match, raw_query
 
@@ -208,6 +211,7 @@ class Forwarder:
         query: signing.Query,
         headers: CIMultiDict[str],
         payload_sha256: str,
+        payload: Payload | None = None,
     ) -> str:
         """Add the route's authentication to ``headers`` (SigV4, a Cognito token, or nothing).
 
@@ -230,15 +234,26 @@ class Forwarder:
         signed = [(name, headers.getone(name)) for name in SIGNED_HEADERS if name in headers]
         if "Content-Type" in headers:
             signed += [("Content-Type", value) for value in headers.getall("Content-Type")]
+        rules = route.rules
+        if rules.sign_amz_headers:  # S3 refuses x-amz-* headers that are not signed
+            signed += [(name, value) for name, value in headers.items() if amz_unsigned(name)]
+        region = route.resolved_region or ""
         signature = signing.sign(
-            signing.SigningRequest(request_method, match.upstream_path, query.canonical, tuple(signed), payload_sha256),
+            signing.SigningRequest(
+                request_method, match.upstream_path, query.canonical, tuple(signed), payload_sha256,
+                double_encode=not rules.s3_paths,
+            ),
             access_key_id=credentials.access_key_id,
             secret_access_key=credentials.secret_access_key,
             amz_date=amz_date,
-            region=route.resolved_region or "",
+            region=region,
             service=route.service,
-        )
+        )  # fmt: skip
         headers["Authorization"] = signature.authorization
+        if payload is not None:
+            payload.signature = signature
+            seed = signature.authorization.rpartition("=")[2]
+            chain(payload, credentials.secret_access_key, amz_date, region, route.service, seed)
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "signed %s %s with %s\n--- canonical request ---\n%s\n--- string to sign ---\n%s",
@@ -309,25 +324,31 @@ class Forwarder:
         if request.expect_continue:  # "100 Continue" only once nothing local can refuse the body
             await self.credentials_ready(route, exchange)
         limit = self.config.max_body if route.max_body is None else route.max_body
-        try:
-            body, body_size, payload_sha256 = await request.read_body(limit)
-        except BodyTooLarge:
-            raise too_large(limit) from None
-        exchange.bytes_in = body_size
+        streamed_limit = self.config.streamed_max_body if route.max_body is None else route.max_body
+        payload = await read_payload(request, route.payload_mode, limit, streamed_limit)
+        exchange.bytes_in = payload.size or 0
         query = signing.normalize_query(raw_query)
         exchange.query = query.wire
         headers = self.upstream_headers(request.headers, route)
+        for name, value in payload.headers:
+            headers.popall(name, None)
+            if value is not None:
+                headers[name] = value
         try:
-            exchange.credentials = await self.authorize(request.method, match, query, headers, payload_sha256)
+            exchange.credentials = await self.authorize(request.method, match, query, headers, payload.sha256, payload)
         except CredentialsUnavailable as error:
             exchange.credentials = route.credentials
             raise unavailable(route, error) from None
-        if body or request.body_exists or request.method in BODY_METHODS:
-            headers["Content-Length"] = str(body_size)
+        if payload.size is not None and (payload.size or request.body_exists or request.method in BODY_METHODS):
+            headers["Content-Length"] = str(payload.size)
+        elif payload.size is None:
+            headers["Transfer-Encoding"] = "chunked"
         target = match.upstream_path + (f"?{query.wire}" if query.wire else "")
-        upstream = await self._send(request.method, route, target, headers, body, exchange)
+        upstream = await self._send(request.method, route, target, headers, payload, exchange)
         try:
             prefetched = await self._check_clock_skew(route, upstream, exchange) if upstream.status == 403 else None
+            if prefetched is not None and payload.signature is not None:
+                self._explain_mismatch(route, payload.signature, prefetched)
             await self._relay(request, upstream, exchange, prefetched, policy)
         except BaseException:
             upstream.close()  # a half-read connection never goes back to the pool
@@ -335,16 +356,17 @@ class Forwarder:
         upstream.release()  # back to the pool when the body was read to the end, closed otherwise
 
     async def _send(
-        self, method: str, route: Route, target: str, headers: CIMultiDict[str], body: list[bytes], exchange: Exchange
+        self, method: str, route: Route, target: str, headers: CIMultiDict[str], payload: Payload, exchange: Exchange
     ) -> UpstreamResponse:
         """Send the signed request; the response once its head has arrived. Failures become 502 or 504."""
         timeouts = route.timeouts
         sent = time.monotonic()
         try:
             upstream = await self.pool.request(
-                method, route.dial_address, target, headers.items(), body, egress=route.egress,
+                method, route.dial_address, target, headers.items(), payload.body, egress=route.egress,
                 connect_timeout=timeouts.connect, first_byte_timeout=timeouts.first_byte,
                 server_name=route.upstream_address[1] if route.connect_to else None,
+                stream=payload.stream, chunked=payload.size is None,
             )  # fmt: skip
         except (ConnectTimeout, FirstByteTimeout) as error:
             advice = "raise the route's connect_timeout" if isinstance(error, ConnectTimeout) else (
@@ -382,6 +404,21 @@ class Forwarder:
                     offset,
                 )
         return body
+
+    def _explain_mismatch(self, route: Route, signature: signing.Signature, body: bytes) -> None:
+        """A refused signature: log what AWS expected against what we signed, and the likely cause."""
+        if not mismatch.is_mismatch(body):
+            return
+        explanation = mismatch.explain(signature.canonical_request, signature.string_to_sign, body)
+        if self.metrics is not None:
+            self.metrics.signature_mismatch(route.path_prefix)
+        log.warning(
+            "%s refused the signature (route %s): %s%s",
+            route.upstream_host,
+            route.path_prefix,
+            explanation.cause,
+            f"\n{explanation.diff}" if explanation.diff else "",
+        )
 
     async def _relay(
         self,
@@ -511,6 +548,13 @@ def clock_offset(date_header: str | None) -> float | None:
 
 
 SIGNED_HEADERS = ("Host", "X-Amz-Date", "X-Amz-Content-Sha256", "X-Amz-Security-Token")
+_SIGNED_LOWER = frozenset(name.lower() for name in SIGNED_HEADERS)
+
+
+def amz_unsigned(name: str) -> bool:
+    """An ``x-amz-*`` header that ``SIGNED_HEADERS`` leaves out (S3 wants them all signed)."""
+    lower = name.lower()
+    return lower.startswith("x-amz-") and lower not in _SIGNED_LOWER
 
 
 def request_target(raw_target: str) -> str | None:

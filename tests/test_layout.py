@@ -19,7 +19,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "proxy"
 LAYERS: list[set[str]] = [
     {"proxy.signing", "proxy.http", "proxy.awsenv", "proxy.hosts"},
     {"proxy.config", "proxy.ca", "proxy.ops.logs", "proxy.ops.workers", "proxy.demo"},
-    {"proxy.credentials", "proxy.routing", "proxy.forward", "proxy.ops.metrics", "proxy.cors"},
+    {"proxy.credentials", "proxy.routing", "proxy.forward", "proxy.ops.metrics", "proxy.cors", "proxy.payload"},
     {"proxy.forwarding"},
     {"proxy.websocket", "proxy.ops.admin"},
     {"proxy.server"},

@@ -13,8 +13,10 @@ headers. Here a connection is one ``asyncio.Protocol``:
 * the body's framing is decided once (``http1.request_framing``), strictly:
   whatever a peer might read differently is refused and the connection closed;
 * a body is hashed and collected as it arrives, in the protocol's callback,
-  so the handler waits once for all of it; ``Expect: 100-continue`` is
-  answered when the handler asks for the body, after its size was checked;
+  so the handler waits once for all of it (``read_body``), or handed on piece
+  by piece with the client read no faster than the handler sends it on
+  (``stream_body``); ``Expect: 100-continue`` is answered when the handler
+  asks for the body, after its size was checked;
 * an answer is always framed by the proxy itself (``Response``), and goes
   out with as few writes as possible: head and a complete
   body in one, a streamed body chunk by chunk (chunked to HTTP/1.1 clients
@@ -44,7 +46,7 @@ import json
 import logging
 import re
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from multidict import CIMultiDict
@@ -71,6 +73,7 @@ MAX_LINE = 8190  # bytes in the request line, and in each header line
 MAX_HEADERS = 128
 MAX_HEAD = 64 * 1024  # the whole head; also the most bytes buffered ahead of a pipelined request
 URI_TOO_LONG, HEADERS_TOO_LARGE = 414, 431
+STREAM_HIGH_WATER = 1 << 20  # body bytes a streamed (or not yet claimed) body may hold before reading pauses
 
 _REQUEST_LINE = re.compile(rb"(" + TOKEN + rb") ([\x21-\x7e\x80-\xff]+) HTTP/([0-9])\.([0-9])")
 FRAMING_FIELDS = frozenset({"content-length", "transfer-encoding"})  # written by Response itself, never relayed
@@ -167,13 +170,16 @@ class Request:
     """One request: its head as sent, its body (read on demand) and its answer."""
 
     __slots__ = (
+        "_backlog",
         "_body_error",
         "_body_parts",
         "_body_size",
         "_body_waiter",
         "_chunks",
         "_digest",
+        "_limit",
         "_remaining",
+        "_streaming",
         "connection",
         "expect_continue",
         "headers",
@@ -206,6 +212,9 @@ class Request:
         self._digest: Any = None
         self._body_waiter: asyncio.Future[None] | None = None
         self._body_error: Exception | None = None
+        self._limit: float = float("inf")  # max_body once the handler chose read_body; stream_body's limit
+        self._streaming = False
+        self._backlog = 0  # bytes held for a handler that has not asked yet, or streams
 
     # ------------------------------------------------------------ the body
 
@@ -261,10 +270,11 @@ class Request:
             done = self._remaining == 0
         if piece:
             self._body_size += len(piece)
-            if self._body_size > self.connection.front.max_body:
+            if self._body_size > self._limit:
                 self._end_body(BodyTooLarge())
                 return b""
-            self._digest.update(piece)
+            if not self._streaming:
+                self._digest.update(piece)
             parts = self._body_parts
             if len(piece) >= SMALL_PIECE:
                 parts.append(piece)  # a large read is kept as it came, without a copy
@@ -272,14 +282,19 @@ class Request:
                 parts[-1] += piece  # small ones are coalesced: no object per tiny chunk
             else:
                 parts.append(bytearray(piece))
+            if self._limit == float("inf") or self._streaming:
+                self._backlog += len(piece)
         if done:
             self._end_body(None)
+        elif self._streaming and piece:
+            self._end_body(_BODY_MORE)
+        if self._backlog > STREAM_HIGH_WATER:
+            self.connection._update_reading()  # the handler has not caught up: stop reading the client
         return rest
 
     def _end_body(self, error: Exception | None) -> None:
-        self._body_error = error
-        if error is None:
-            self._body_error = _BODY_READ
+        if error is not _BODY_MORE:
+            self._body_error = _BODY_READ if error is None else error
         waiter = self._body_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -294,8 +309,13 @@ class Request:
         if self._digest is None:
             return [], 0, EMPTY_SHA256
         limit = self.connection.front.max_body if limit is None else limit
-        if self._remaining is not None and self._body_size + self._remaining > limit:
-            raise BodyTooLarge
+        self._limit = limit
+        if self._backlog:
+            self._backlog = 0
+            self.connection._update_reading()
+        if self._body_size > limit or (self._remaining is not None and self._body_size + self._remaining > limit):
+            self._body_error = BodyTooLarge()  # the connection closes after the 413
+            raise self._body_error
         if self._body_error is None:
             if self.expect_continue:
                 self.expect_continue = False
@@ -312,6 +332,47 @@ class Request:
         if self._body_size > limit:  # a chunked body under the front's bound, over this request's
             raise BodyTooLarge
         return self._body_parts, self._body_size, self._digest.hexdigest()  # type: ignore[return-value]
+
+    async def stream_body(self, limit: int | None = None) -> AsyncIterator[bytes]:
+        """The body piece by piece as it arrives, neither hashed nor kept (for bodies of any size).
+
+        At most about ``STREAM_HIGH_WATER`` bytes wait here: above that the
+        client is not read from until the handler takes them, so memory stays
+        flat however fast the client sends. ``limit`` (bytes, None for none)
+        raises ``BodyTooLarge``, at once when Content-Length is over it. A
+        pause longer than ``header_timeout`` raises a 408 ``Refusal``.
+        """
+        if self._digest is None:
+            return
+        self._streaming = True
+        self._limit = float("inf") if limit is None else limit
+        if self._body_size > self._limit or (
+            self._remaining is not None and self._body_size + self._remaining > self._limit
+        ):
+            self._body_error = BodyTooLarge()  # the connection closes after the 413
+            raise self._body_error
+        if self.expect_continue:
+            self.expect_continue = False
+            self.connection.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        loop = asyncio.get_running_loop()
+        while True:
+            if self._body_parts:
+                parts, self._body_parts, self._backlog = self._body_parts, [], 0
+                self.connection._update_reading()
+                for part in parts:
+                    yield part
+                continue
+            if self._body_error is _BODY_READ:
+                return
+            if self._body_error is not None:
+                raise self._body_error
+            self._body_waiter = loop.create_future()
+            self.connection.deadline = loop.time() + self.connection.front.header_timeout  # a stalled upload: 408
+            try:
+                await self._body_waiter
+            finally:
+                self._body_waiter = None
+                self.connection.deadline = None
 
     # ------------------------------------------------------------ the answer
 
@@ -332,6 +393,7 @@ class _BodyRead(Exception):
 
 
 _BODY_READ = _BodyRead()
+_BODY_MORE = _BodyRead()  # passed to _end_body to wake a streaming reader: more body arrived
 
 
 class Response:
@@ -503,7 +565,10 @@ class Connection(asyncio.Protocol):
         transport = self.transport
         if transport is None:
             return
-        hold = self.drain_waiter is not None or (self.request is not None and len(self.buffer) > MAX_HEAD)
+        request = self.request
+        hold = self.drain_waiter is not None or (
+            request is not None and (len(self.buffer) > MAX_HEAD or request._backlog > STREAM_HIGH_WATER)
+        )
         if hold and transport.is_reading():
             transport.pause_reading()
         elif not hold and not transport.is_reading():

@@ -8,6 +8,10 @@ frame its body (Content-Length, chunked, or until close), which is handed on
 chunk by chunk. Reading pauses when the client falls behind, so memory stays
 bounded whatever the size.
 
+A streamed request body (``Pool.request``'s ``stream``) is written as it comes,
+waiting whenever the socket's buffer is full, so an upload of any size passes
+in flat memory; it goes on a fresh connection, since it cannot be sent twice.
+
 A request is sent again on a fresh connection only when a pooled connection
 turns out to have been closed by the upstream before a single response byte
 came back, and only for idempotent methods: a POST is never replayed.
@@ -21,7 +25,7 @@ import re
 import socket
 import ssl
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import AsyncIterable, Iterable
 
 from multidict import CIMultiDict
 
@@ -108,6 +112,7 @@ class _Connection(asyncio.Protocol):
         self.response: UpstreamResponse | None = None
         self.head = bytearray()
         self.idle_handle: asyncio.TimerHandle | None = None
+        self.drain_waiter: asyncio.Future[None] | None = None  # set while the socket's send buffer is full
 
     # ------------------------------------------------------------ asyncio callbacks
 
@@ -148,8 +153,23 @@ class _Connection(asyncio.Protocol):
         head.clear()
         response.feed_body(rest)
 
+    def pause_writing(self) -> None:
+        if self.drain_waiter is None:
+            self.drain_waiter = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        waiter, self.drain_waiter = self.drain_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def drain(self) -> None:
+        """Wait until the socket takes more (a streamed request body)."""
+        if self.drain_waiter is not None:
+            await self.drain_waiter
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.resume_writing()  # a sender waiting to write learns of the loss from the response
         self.pool.forget(self)
         if self.idle_handle is not None:
             self.idle_handle.cancel()
@@ -490,6 +510,8 @@ class Pool:
         first_byte_timeout: float,
         egress: Egress | None = None,
         server_name: str | None = None,
+        stream: AsyncIterable[bytes] | None = None,
+        chunked: bool = False,
     ) -> UpstreamResponse:
         """Send one request; return once the response headers have arrived.
 
@@ -499,9 +521,15 @@ class Pool:
         ``egress`` says how new connections are opened (default: the
         environment's proxy settings and the system's CAs); ``server_name``
         is the name TLS sends and verifies when ``key`` dials another address.
+        ``stream`` (instead of ``body``) is sent as it comes, framed chunked
+        when ``chunked`` (the headers must say so), else as it is.
         """
-        head = _head(method, target, headers)
         slot: Slot = (*key, egress, server_name)
+        if stream is not None:
+            return await self._request_streamed(
+                method, slot, target, headers, stream, chunked, connect_timeout, first_byte_timeout
+            )
+        head = _head(method, target, headers)
         # Small requests go out in one write; large bodies without being copied into one buffer.
         size = sum(len(part) for part in body)
         message = b"".join((head, *body)) if size < 64 * 1024 else None
@@ -539,6 +567,52 @@ class Pool:
             finally:
                 timer.cancel()
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _request_streamed(
+        self,
+        method: str,
+        slot: Slot,
+        target: str,
+        headers: Iterable[tuple[str, str]],
+        stream: AsyncIterable[bytes],
+        chunked: bool,
+        connect_timeout: float,
+        first_byte_timeout: float,
+    ) -> UpstreamResponse:
+        """``request`` for a streamed body: a fresh connection, written no faster than the upstream reads.
+
+        An upstream that answers before the body is all sent (a 403, a 413)
+        stops the sending: its answer is returned, the connection is not
+        reused (the body it was reading was cut).
+        """
+        connection = await self._connect(slot, connect_timeout)
+        response = UpstreamResponse(connection, method)
+        connection.response = response
+        transport = connection.transport
+        assert transport is not None
+        if connection.absolute_form:  # through a forward proxy: the head names the upstream
+            target, headers = connection.absolute_form + target, [*headers, *connection.proxy_headers]
+        try:
+            transport.write(_head(method, target, headers))
+            async for piece in stream:
+                if response.headers_done or response._error is not None or connection.closed:
+                    response._keep_alive = False
+                    break
+                if piece:
+                    transport.write(b"%x\r\n%b\r\n" % (len(piece), piece) if chunked else piece)
+                    await connection.drain()
+            else:
+                if chunked and not connection.closed:
+                    transport.write(b"0\r\n\r\n")
+            timer = asyncio.get_running_loop().call_later(first_byte_timeout, response.time_out, first_byte_timeout)
+            try:
+                await response.wait_head()
+            finally:
+                timer.cancel()
+        except BaseException:
+            response.close()
+            raise
+        return response
 
     def close(self) -> None:
         for connection in list(self._all):

@@ -70,6 +70,10 @@ class Metrics:
             "signing_proxy_upstream_errors", "Upstream failures, by kind (the error body's reason).",
             ["route", "kind"], registry=registry,
         )  # fmt: skip
+        self.signature_mismatches = Counter(
+            "signature_mismatches", "Upstream 403s that refused the proxy's signature (the log says why).",
+            ["route"], registry=registry,
+        )  # fmt: skip
         self.open_websockets = Gauge(
             "signing_proxy_open_websockets", "WebSocket connections being relayed.",
             registry=registry, multiprocess_mode="livesum",
@@ -91,6 +95,10 @@ class Metrics:
                 self._flush_timer = asyncio.get_running_loop().call_later(FLUSH_DELAY, self.flush)
             except RuntimeError:  # no event loop: count at once
                 self.flush()
+
+    def signature_mismatch(self, route: str) -> None:
+        """Count a refused signature at once (rare, and worth seeing without delay)."""
+        self.signature_mismatches.labels(route).inc()
 
     def flush(self) -> None:
         """Count every queued request: each series is updated once, by the sum of its requests."""

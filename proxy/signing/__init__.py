@@ -17,7 +17,9 @@ one AWS rebuilds from the request it receives:
   normalises the canonical URI; a trailing slash is kept.
 
 The canonical URI is then the wire path encoded once more (every service but
-S3 double-encodes), and the canonical query is the wire pairs sorted.
+S3 double-encodes), and the canonical query is the wire pairs sorted. S3's
+paths follow their own rules (``s3_wire_path``; ``services`` says which
+service signs how).
 """
 
 from __future__ import annotations
@@ -103,6 +105,17 @@ def normalize_path(raw_path: str) -> str:
     return remove_dot_segments("/".join(_normalize_segment(segment) for segment in raw_path.split("/")))
 
 
+def s3_wire_path(raw_path: str) -> str:
+    """The wire form of a path under S3's rules: each segment decoded once and encoded once, nothing removed.
+
+    ``//``, ``.`` and ``..`` stay: in S3 they are parts of a key, and S3 signs
+    the path as it arrives (see ``services``).
+    """
+    if _PLAIN_PATH.fullmatch(raw_path):
+        return raw_path
+    return "/".join(uri_encode(percent_decode(segment)) for segment in raw_path.split("/"))
+
+
 def join_paths(base: str, tail: str) -> str:
     """Append a normalized ``tail`` path to a normalized ``base`` path (an upstream's path)."""
     if tail in ("", "/"):
@@ -168,6 +181,7 @@ class SigningRequest:
     canonical_query: str
     headers: tuple[tuple[str, str], ...]  # the headers to sign, host and x-amz-* included
     payload_sha256: str
+    double_encode: bool = True  # False for S3, whose canonical URI is the wire path itself
 
 
 def canonical_request(req: SigningRequest) -> tuple[str, str]:
@@ -176,7 +190,7 @@ def canonical_request(req: SigningRequest) -> tuple[str, str]:
     text = "\n".join(
         (
             req.method,
-            canonical_uri(req.wire_path),
+            canonical_uri(req.wire_path) if req.double_encode else req.wire_path,
             req.canonical_query,
             header_lines,
             signed_headers,
