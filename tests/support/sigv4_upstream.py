@@ -4,6 +4,11 @@ The proxy's own signer is never used here: the signature is recomputed by the
 AWS Common Runtime from the request *exactly as it arrived* (raw path and query,
 headers in order, body bytes), so a test passes only if what the proxy put on
 the wire is what it signed.
+
+``service="s3"`` (and the other S3 services) verifies as S3 does: awscrt with
+double encoding and path normalisation off, every ``x-amz-*`` header signed,
+``UNSIGNED-PAYLOAD`` accepted, and an aws-chunked body's chunk signatures each
+checked, with a signing key derived here from the published SigV4 rules.
 """
 
 from __future__ import annotations
@@ -33,6 +38,9 @@ from awscrt.http import HttpHeaders, HttpRequest
 web_protocol.HttpRequestParser = HttpRequestParserPy  # type: ignore[misc]
 
 ALGORITHM = "AWS4-HMAC-SHA256"
+S3_SERVICES = frozenset({"s3", "s3-object-lambda", "s3-outposts"})
+UNSIGNED = "UNSIGNED-PAYLOAD"
+STREAMING = "STREAMING-AWS4-HMAC-SHA256-PAYLOAD"
 AMZ_DATE_FORMAT = "%Y%m%dT%H%M%SZ"
 # Headers awscrt adds itself and refuses to find already present on a request it signs.
 _ADDED_BY_SIGNER = frozenset({"authorization", "x-amz-date", "x-amz-security-token", "x-amz-content-sha256"})
@@ -52,6 +60,7 @@ class Received:
     signature_error: str | None  # why verification failed (no secrets in it)
     signed_headers: list[str] = field(default_factory=list)
     access_key_id: str | None = None
+    chunk_sizes: list[int] = field(default_factory=list)  # an aws-chunked body's chunks, each verified
 
     def header_values(self, name: str) -> list[str]:
         """Every value of ``name`` (case-insensitive), in arrival order."""
@@ -228,11 +237,21 @@ class SigV4Upstream:
         if auth.datestamp != dates[0][:8]:
             raise SignatureError(f"Credential date {auth.datestamp} does not match X-Amz-Date {dates[0]}")
 
+        s3 = self.service in S3_SERVICES
         body_sha256 = hashlib.sha256(received.body).hexdigest()
         content_hashes = received.header_values("x-amz-content-sha256")
         if len(content_hashes) > 1:
             raise SignatureError("more than one X-Amz-Content-Sha256 header")
-        if content_hashes and content_hashes[0] != body_sha256:
+        if s3 and not content_hashes:
+            raise SignatureError("Missing required header for this request: x-amz-content-sha256")
+        if s3:
+            unsigned = [k.lower() for k, _ in received.headers if k.lower().startswith("x-amz-")]
+            unsigned = [name for name in unsigned if name not in auth.signed_headers]
+            if unsigned:
+                raise SignatureError(f"There were headers present in the request which were not signed: {unsigned}")
+        if s3 and content_hashes[0] in (UNSIGNED, STREAMING):
+            body_sha256 = content_hashes[0]
+        elif content_hashes and content_hashes[0] != body_sha256:
             raise SignatureError(
                 f"X-Amz-Content-Sha256 {content_hashes[0]!r} is not the SHA-256 of the "
                 f"{len(received.body)}-byte body received ({body_sha256})"
@@ -253,8 +272,8 @@ class SigV4Upstream:
             service=auth.service,
             date=date,
             should_sign_header=lambda name: name.lower() in signed,
-            use_double_uri_encode=True,
-            should_normalize_uri_path=True,
+            use_double_uri_encode=not s3,
+            should_normalize_uri_path=not s3,
             signed_body_value=body_sha256,
             signed_body_header_type=(
                 AwsSignedBodyHeaderType.X_AMZ_CONTENT_SHA_256
@@ -284,4 +303,56 @@ class SigV4Upstream:
                 "The request signature we calculated does not match the signature you provided "
                 f"({received.method} {received.raw_path!r}, SignedHeaders={';'.join(auth.signed_headers)})"
             )
+        if body_sha256 == STREAMING:
+            key = derive_signing_key(secret, auth.datestamp, auth.region, auth.service)
+            scope = f"{auth.datestamp}/{auth.region}/{auth.service}/aws4_request"
+            received.body, received.chunk_sizes = verify_chunks(received.body, key, dates[0], scope, auth.signature)
+            decoded = received.header_values("x-amz-decoded-content-length")
+            if decoded != [str(len(received.body))]:
+                raise SignatureError(f"x-amz-decoded-content-length {decoded} for {len(received.body)} bytes")
         return auth
+
+
+def derive_signing_key(secret: str, datestamp: str, region: str, service: str) -> bytes:
+    """The SigV4 signing key, as the AWS documentation derives it (kSecret, kDate, kRegion, kService, kSigning)."""
+    key = ("AWS4" + secret).encode()
+    for part in (datestamp, region, service, "aws4_request"):
+        key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+    return key
+
+
+def verify_chunks(body: bytes, key: bytes, amz_date: str, scope: str, seed: str) -> tuple[bytes, list[int]]:
+    """The data of an aws-chunked body whose every chunk signature is right; ``SignatureError`` otherwise.
+
+    Written from the S3 documentation ("Signature calculation: transfer payload
+    in multiple chunks"): each chunk's string to sign is
+    ``AWS4-HMAC-SHA256-PAYLOAD``, the date, the scope, the previous signature,
+    the hash of the empty string and the hash of the chunk's data.
+    """
+    data, sizes, previous, at = bytearray(), [], seed, 0
+    empty = hashlib.sha256(b"").hexdigest()
+    while True:
+        end = body.find(b"\r\n", at)
+        if end < 0:
+            raise SignatureError("aws-chunked body ends inside a chunk header")
+        size_hex, _, extension = body[at:end].decode("ascii").partition(";")
+        name, _, signature = extension.partition("=")
+        if name != "chunk-signature":
+            raise SignatureError(f"chunk {len(sizes)} has no chunk-signature")
+        size = int(size_hex, 16)
+        chunk = body[end + 2 : end + 2 + size]
+        if len(chunk) != size or body[end + 2 + size : end + 4 + size] != b"\r\n":
+            raise SignatureError(f"chunk {len(sizes)} is not {size} bytes followed by CRLF")
+        to_sign = "\n".join(
+            ("AWS4-HMAC-SHA256-PAYLOAD", amz_date, scope, previous, empty, hashlib.sha256(chunk).hexdigest())
+        )
+        expected = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(expected, signature):
+            raise SignatureError(f"chunk {len(sizes)} ({size} bytes): the chunk signature does not match")
+        previous, at = signature, end + 4 + size
+        sizes.append(size)
+        data += chunk
+        if size == 0:
+            if at != len(body):
+                raise SignatureError("bytes after the final chunk")
+            return bytes(data), sizes
