@@ -34,6 +34,8 @@ def s3_route(url: str, **route):
     return static_route(url, service="s3", **route)
 
 
+HEAD = "Host: x\r\nConnection: close\r\n"
+CHUNKED = (HEAD + "Transfer-Encoding: chunked\r\n\r\n").encode()
 KEY_1024 = "/" + "k" * 1023
 KEYS = [
     # (path the client sends, path S3 must receive)
@@ -162,7 +164,7 @@ async def test_unsigned_chunked_upload_goes_upstream_chunked(s3_upstream, start_
     proxy = await start_proxy(s3_route(s3_upstream.url, payload="unsigned"))
     response = await raw_request(
         proxy.url,
-        b"PUT /b/k HTTP/1.1\r\nHost: x\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
+        b"PUT /b/k HTTP/1.1\r\n" + CHUNKED + b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
     )
     assert response.status == 200
     got = s3_upstream.received[-1]
