@@ -1,4 +1,4 @@
-"""Command line: ``signing-proxy run | demo | check | ca | login``.
+"""Command line: ``signing-proxy run | demo | check | ca | login | presign``.
 
 Turns arguments into a validated ``Config`` and hands it to the server. A bad
 configuration is reported (every problem, one a line) and exits with status 2
@@ -309,6 +309,21 @@ def cmd_emulator(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_presign(args: argparse.Namespace) -> int:
+    """Print ``args.url`` presigned with the credentials of the route that covers it."""
+    from .credentials import CredentialsUnavailable, build_providers
+    from .presign import presign
+
+    config = load_config(args.config)
+    setup_logging("critical")
+    try:
+        print(asyncio.run(presign(config, build_providers(config), args.url, method=args.method, expires=args.expires)))
+    except CredentialsUnavailable as error:
+        print(f"signing-proxy presign: credentials unavailable: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_login(args: argparse.Namespace) -> int:
     from .credentials.login import login_main
 
@@ -367,6 +382,13 @@ def parser() -> argparse.ArgumentParser:
     login.add_argument("--config", required=True)
     login.add_argument("--credentials", required=True, help="the name of a cognito entry under credentials:")
     login.set_defaults(handler=cmd_login)
+
+    presign = commands.add_parser("presign", help="print a presigned URL, signed as the route covering it signs")
+    presign.add_argument("url", help="the API's own URL (the route is the one whose upstream covers it)")
+    presign.add_argument("--config", default="signing-proxy.yaml", help="YAML configuration file")
+    presign.add_argument("--expires", type=int, default=3600, help="seconds the URL is valid (default 3600)")
+    presign.add_argument("--method", default="GET", help="the HTTP method the URL is for (default GET)")
+    presign.set_defaults(handler=cmd_presign)
     return root
 
 

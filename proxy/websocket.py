@@ -138,6 +138,8 @@ def presign_query(
     region: str,
     service: str,
     expires: int = PRESIGN_EXPIRES,
+    payload_sha256: str = signing.EMPTY_SHA256,
+    double_encode: bool = True,
 ) -> signing.Query:
     """The client's query plus the X-Amz-* parameters of a presigned (query-signed) request.
 
@@ -162,7 +164,7 @@ def presign_query(
     pairs = sorted((key, value) for key, _, value in (part.partition("=") for part in (*kept, *encoded)))
     canonical_query = "&".join(f"{key}={value}" for key, value in pairs)
     canonical, _ = signing.canonical_request(
-        signing.SigningRequest(method, wire_path, canonical_query, (("host", host),), signing.EMPTY_SHA256)
+        signing.SigningRequest(method, wire_path, canonical_query, (("host", host),), payload_sha256, double_encode)
     )
     to_sign = signing.string_to_sign(amz_date, scope, canonical)
     key = signing.signing_key(secret_access_key, amz_date[:8], region, service)

@@ -22,7 +22,7 @@ LAYERS: list[set[str]] = [
     {"proxy.credentials", "proxy.routing", "proxy.forward", "proxy.ops.metrics", "proxy.cors", "proxy.payload"},
     {"proxy.forwarding"},
     {"proxy.websocket", "proxy.ops.admin"},
-    {"proxy.server"},
+    {"proxy.server", "proxy.presign"},
     {"proxy.cli"},
     {"proxy.__main__"},
 ]

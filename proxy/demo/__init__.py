@@ -2,7 +2,11 @@
 
 The emulator refuses what API Gateway refuses (403 with ``{"message": ...}``
 for a missing, malformed, stale or wrong signature), so the demo shows the
-proxy doing real work with no AWS account and no network.
+proxy doing real work with no AWS account and no network. With
+``service="s3"`` it verifies and answers as S3 does instead (paths signed as
+they arrive, ``UNSIGNED-PAYLOAD``, ``<Error>`` XML naming the canonical
+request it expected). Presigned URLs (the signature in the query) are
+checked too.
 """
 
 from __future__ import annotations
@@ -14,10 +18,13 @@ import re
 import socket
 import time
 from typing import Any
+from urllib.parse import unquote
+from xml.sax.saxutils import escape
 
 from aiohttp import web
 
 from .. import signing
+from ..signing.services import STREAMING_PAYLOAD, UNSIGNED_PAYLOAD, rules_for
 
 DEMO_ACCESS_KEY_ID = "AKIADEMOSIGNINGPROXY"
 DEMO_SECRET_ACCESS_KEY = "demo/secret/key/not/a/real/aws/secret000"
@@ -35,11 +42,53 @@ def _forbidden(message: str) -> web.Response:
     return web.json_response({"message": message}, status=403, headers={"x-amzn-ErrorType": "ForbiddenException"})
 
 
+def _s3_forbidden(message: str) -> web.Response:
+    """S3's answer: ``<Error>`` XML; a signature mismatch names what S3 expected, element by element."""
+    expected = _EXPECTED.search(message)
+    if expected is None:
+        elements = f"<Code>AccessDenied</Code><Message>{escape(message)}</Message>"
+    else:
+        elements = (
+            f"<Code>SignatureDoesNotMatch</Code><Message>{escape(message.partition(chr(10))[0])}</Message>"
+            f"<StringToSign>{escape(expected['to_sign'])}</StringToSign>"
+            f"<CanonicalRequest>{escape(expected['canonical'])}</CanonicalRequest>"
+        )
+    body = f'<?xml version="1.0" encoding="UTF-8"?>\n<Error>{elements}</Error>'
+    return web.Response(text=body, status=403, content_type="application/xml")
+
+
+_EXPECTED = re.compile(
+    r"should have been\n'(?P<canonical>.*)'\n\nThe String-to-Sign should have been\n'(?P<to_sign>.*)'\n$", re.S
+)
+
+
+def _presigned(raw_query: str) -> tuple[dict[str, str], str] | None:
+    """A presigned request's X-Amz-* parameters and the query without its signature, or None."""
+    pairs = [part.partition("=") for part in raw_query.split("&") if part]
+    params = {key: unquote(value) for key, _, value in pairs}
+    if "X-Amz-Algorithm" not in params:
+        return None
+    rest = "&".join(f"{key}={value}" for key, _, value in pairs if key != "X-Amz-Signature")
+    return params, rest
+
+
 def verify(
     method: str, raw_path: str, headers: Any, body: bytes, secrets: dict[str, str], region: str, service: str
 ) -> str | None:
     """Check a request's SigV4 signature as a receiver would; return why it fails, or None."""
-    authorization = headers.get("Authorization")
+    path, _, query = raw_path.partition("?")
+    presigned = _presigned(query)
+    if presigned is not None:
+        params, query = presigned
+        credential = params.get("X-Amz-Credential", "")
+        authorization = (
+            f"AWS4-HMAC-SHA256 Credential={credential}, SignedHeaders={params.get('X-Amz-SignedHeaders', '')}, "
+            f"Signature={params.get('X-Amz-Signature', '')}"
+        )
+        amz_date = params.get("X-Amz-Date", "")
+        expires = int(params.get("X-Amz-Expires", "0") or 0)
+    else:
+        authorization, amz_date, expires = headers.get("Authorization"), headers.get("X-Amz-Date", ""), 0
     if not authorization:
         return "Missing Authentication Token"
     match = _AUTHORIZATION.match(authorization)
@@ -52,22 +101,28 @@ def verify(
         return "The security token included in the request is invalid."
     if (scope_region, scope_service) != (region, service):
         return f"Credential should be scoped to a valid region and service ('{region}', '{service}')."
-    amz_date = headers.get("X-Amz-Date", "")
     try:
         signed_at = calendar.timegm(time.strptime(amz_date, "%Y%m%dT%H%M%SZ"))
     except ValueError:
         return "Authorization header requires existence of either a 'X-Amz-Date' or a 'Date' header."
-    if abs(time.time() - signed_at) > MAX_SKEW or not amz_date.startswith(datestamp):
+    if presigned is not None and not 0 <= time.time() - signed_at <= expires:
+        return "Request has expired"
+    if (presigned is None and abs(time.time() - signed_at) > MAX_SKEW) or not amz_date.startswith(datestamp):
         return "Signature expired: the request time is too skewed from the server's time."
-    path, _, query = raw_path.partition("?")
+    s3 = rules_for(service).s3_paths
     payload_sha256 = hashlib.sha256(body).hexdigest()
+    claimed = headers.get("X-Amz-Content-Sha256")
+    if presigned is not None and s3:
+        payload_sha256 = UNSIGNED_PAYLOAD
+    elif s3 and claimed in (UNSIGNED_PAYLOAD, STREAMING_PAYLOAD):
+        payload_sha256 = claimed
     header_lines, signed_headers = signing.canonical_headers(
         (name, value) for name in signed_names for value in headers.getall(name, ())
     )
     canonical = "\n".join(
         (
             method,
-            signing.receiver_canonical_uri(path),
+            path if s3 else signing.receiver_canonical_uri(path),
             signing.normalize_query(query).canonical,
             header_lines,
             signed_headers,
@@ -88,16 +143,20 @@ def verify(
 
 
 def emulator_app(
-    secrets: dict[str, str] | None = None, region: str = DEMO_REGION, stage: str = DEMO_STAGE
+    secrets: dict[str, str] | None = None,
+    region: str = DEMO_REGION,
+    stage: str = DEMO_STAGE,
+    service: str = "execute-api",
 ) -> web.Application:
-    """An aiohttp app that answers like an IAM-authorized API Gateway stage."""
+    """An aiohttp app that answers like an IAM-authorized API Gateway stage (or, as ``service``, like S3)."""
     secrets = secrets if secrets is not None else {DEMO_ACCESS_KEY_ID: DEMO_SECRET_ACCESS_KEY}
+    refuse = _s3_forbidden if rules_for(service).s3_paths else _forbidden
 
     async def handle(request: web.Request) -> web.StreamResponse:
         body = await request.read()
-        problem = verify(request.method, request.raw_path, request.headers, body, secrets, region, "execute-api")
+        problem = verify(request.method, request.raw_path, request.headers, body, secrets, region, service)
         if problem:
-            return _forbidden(problem)
+            return refuse(problem)
         path = request.raw_path.partition("?")[0]
         if not (path == stage or path.startswith(stage + "/")):
             return _forbidden("Missing Authentication Token")
@@ -107,7 +166,10 @@ def emulator_app(
                 "method": request.method,
                 "path": request.path,
                 "query": {k: request.query.getall(k) for k in request.query},
-                "caller": request.headers["Authorization"].split("Credential=")[1].split("/")[0],
+                "caller": (
+                    request.headers.get("Authorization", "").partition("Credential=")[2]
+                    or request.query.get("X-Amz-Credential", "")
+                ).split("/")[0],
                 "body_bytes": len(body),
             }
         )

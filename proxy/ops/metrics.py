@@ -71,7 +71,7 @@ class Metrics:
             ["route", "kind"], registry=registry,
         )  # fmt: skip
         self.signature_mismatches = Counter(
-            "signature_mismatches", "Upstream 403s that refused the proxy's signature (the log says why).",
+            "signing_proxy_signature_mismatches", "Upstream 403s that refused the signature (the log says why).",
             ["route"], registry=registry,
         )  # fmt: skip
         self.open_websockets = Gauge(
