@@ -35,7 +35,7 @@ from . import awsenv
 from .hosts import HostPattern, parse_pattern
 from .http.egress import Egress, ProxyEnvironment, ProxyURL
 from .http.tls import tls_context
-from .signing import normalize_path
+from .signing import normalize_path, sigv4a
 from .signing.services import ServiceRules, rules_for, s3_scope
 
 
@@ -300,6 +300,8 @@ class Route(_Frozen):
     region: str | None = None
     service: str = "execute-api"  # default: read from an S3 host name, else execute-api
     payload: Literal["signed", "unsigned", "streaming"] | None = None  # default: see payload_mode
+    signing: Literal["sigv4", "sigv4a"] = "sigv4"
+    region_set: str = "*"  # sigv4a: the regions the signature is valid in (comma-separated, or *)
     credentials: str = "default"
     auth: Literal["sigv4", "cognito_id_token", "cognito_access_token", "none"] = "sigv4"
     api_key: str | None = Field(default=None, repr=False)
@@ -339,6 +341,15 @@ class Route(_Frozen):
             )
         if self.payload not in (None, "signed") and self.auth != "sigv4":
             raise ValueError(f"payload: {self.payload} needs auth: sigv4")
+        if self.signing == "sigv4a":
+            if self.auth != "sigv4":
+                raise ValueError("signing: sigv4a needs auth: sigv4")
+            if self.payload == "streaming":
+                raise ValueError("payload: streaming is not available with signing: sigv4a; use unsigned or signed")
+            if not sigv4a.available():
+                raise ValueError(
+                    "signing: sigv4a needs the AWS Common Runtime: pip install 'signing-proxy[sigv4a]' (awscrt)"
+                )
         return self
 
     @field_validator("path_prefix")
@@ -385,6 +396,12 @@ class Route(_Frozen):
     def _client_key(self) -> Route:
         if (self.client_key or self.client_key_password) and not self.client_cert:
             raise ValueError("client_cert: expected a certificate file beside client_key")
+        return self
+
+    @model_validator(mode="after")
+    def _multi_region(self) -> Route:
+        if self.auth == "sigv4" and self.signing == "sigv4" and self.resolved_region == "*":
+            raise ValueError(f"signing: {self.upstream_host} is a multi-region endpoint; set signing: sigv4a")
         return self
 
     @cached_property
@@ -645,7 +662,8 @@ class Config(_Frozen):
         for where, route, host_known in entries:
             source = self.credentials.get(route.credentials)
             profile = source.profile if isinstance(source, ProfileSource) else None
-            if route.auth == "sigv4" and not route.region and not region_from_host(route.upstream_address[1]):
+            needs_region = route.auth == "sigv4" and route.signing == "sigv4"  # sigv4a has region_set instead
+            if needs_region and not route.region and not region_from_host(route.upstream_address[1]):
                 route._environment_region = setting("region", profile)
                 if route._environment_region is None and host_known:
                     raise ValueError(

@@ -40,7 +40,7 @@ from .ops.logs import Exchange, access_log, log_access
 from .ops.metrics import Metrics
 from .payload import Payload, chain, read_payload
 from .routing import Match, Router
-from .signing import mismatch
+from .signing import mismatch, sigv4a
 
 log = logging.getLogger("signing_proxy.forwarding")
 
@@ -238,6 +238,9 @@ class Forwarder:
         if rules.sign_amz_headers:  # S3 refuses x-amz-* headers that are not signed
             signed += [(name, value) for name, value in headers.items() if amz_unsigned(name)]
         region = route.resolved_region or ""
+        if route.signing == "sigv4a":
+            await self._sign_sigv4a(request_method, match, query, headers, signed, amz_date, credentials)
+            return f"{route.credentials} {credentials.key_prefix}"
         signature = signing.sign(
             signing.SigningRequest(
                 request_method, match.upstream_path, query.canonical, tuple(signed), payload_sha256,
@@ -279,6 +282,32 @@ class Forwarder:
         except CredentialsUnavailable as error:
             exchange.credentials = route.credentials
             raise unavailable(route, error) from None
+
+    async def _sign_sigv4a(
+        self,
+        method: str,
+        match: Match,
+        query: signing.Query,
+        headers: CIMultiDict[str],
+        signed: list[tuple[str, str]],
+        amz_date: str,
+        credentials: Any,
+    ) -> None:
+        """SigV4a through awscrt (``signing.sigv4a``): its headers replace the SigV4 ones set before."""
+        route = match.route
+        target = match.upstream_path + (f"?{query.wire}" if query.wire else "")
+        payload_sha256 = headers.popall("X-Amz-Content-Sha256")[0]
+        for name in ("X-Amz-Date", "X-Amz-Security-Token"):
+            headers.popall(name, None)
+        added = await sigv4a.sign(
+            method, target, signed,
+            access_key_id=credentials.access_key_id, secret_access_key=credentials.secret_access_key,
+            session_token=credentials.session_token, amz_date=amz_date,
+            region_set=route.region_set, service=route.service, payload_sha256=payload_sha256,
+            double_encode=not route.rules.s3_paths,
+        )  # fmt: skip
+        for name, value in added:
+            headers[name] = value
 
     # ------------------------------------------------------------ the handler
 

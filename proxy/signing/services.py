@@ -44,6 +44,8 @@ _REGION = r"(?P<region>[a-z]{2}(?:-gov|-iso[a-z]?)?-[a-z]+-\d)"
 _SUFFIX = r"\.amazonaws\.com(?:\.cn)?$"
 # Most specific first. Each names the service; a missing region group means us-east-1.
 _S3_HOSTS = (
+    # Multi-Region Access Points: alias.mrap.accesspoint.s3-global.amazonaws.com (SigV4a, every region)
+    (re.compile(r"(?:^|\.)accesspoint\.s3-global" + _SUFFIX), "s3"),
     # name-123456789012.op-0123456789abcdef0.s3-outposts.eu-west-1.amazonaws.com
     (re.compile(r"(?:^|\.)s3-outposts\." + _REGION + _SUFFIX), "s3-outposts"),
     # name-123456789012.s3-object-lambda.eu-west-1.amazonaws.com
@@ -65,5 +67,7 @@ def s3_scope(host: str) -> tuple[str, str] | None:
     for pattern, service in _S3_HOSTS:
         match = pattern.search(host)
         if match:
+            if "s3-global" in pattern.pattern:
+                return service, "*"
             return service, match.groupdict().get("region") or "us-east-1"
     return None
