@@ -80,8 +80,8 @@ async def test_a_dot_segment_cannot_leave_an_s3_route(s3_upstream, start_proxy) 
     proxy = await start_proxy(s3_route(s3_upstream.url, path_prefix="/s3"))
     response = await raw_request(proxy.url, b"GET /s3/../other HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert response.status == 404  # routed on the normalised path: /other has no route
-    response = await raw_request(proxy.url, b"GET /s3/a/../../x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-    assert response.status in (400, 404) and s3_upstream.received == []
+    response = await raw_request(proxy.url, b"GET /x/../s3/k HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert response.status == 400 and s3_upstream.received == []
     response = await raw_request(proxy.url, b"GET /s3/a/../b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert response.status == 200 and s3_upstream.received[-1].raw_path == "/a/../b"
 
