@@ -38,7 +38,7 @@ from .http.tunnel import Terminate, Tunnel
 from .http.upstream import ConnectTimeout, FirstByteTimeout, Pool, UpstreamError, UpstreamResponse
 from .ops.logs import Exchange, access_log, log_access
 from .ops.metrics import Metrics
-from .payload import Payload, chain, read_payload
+from .payload import Payload, chain, gather_small, read_payload
 from .routing import Match, Router
 from .signing import mismatch, sigv4a
 
@@ -368,6 +368,7 @@ class Forwarder:
         except CredentialsUnavailable as error:
             exchange.credentials = route.credentials
             raise unavailable(route, error) from None
+        await gather_small(payload)
         if payload.size is not None and (payload.size or request.body_exists or request.method in BODY_METHODS):
             headers["Content-Length"] = str(payload.size)
         elif payload.size is None:

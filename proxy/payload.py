@@ -85,6 +85,21 @@ async def read_payload(request: Request, mode: str, max_body: int, streamed_limi
     return payload
 
 
+SMALL_BODY = 1 << 20  # a streamed body this small is gathered once signed: pooled connection, retry allowed
+
+
+async def gather_small(payload: Payload) -> None:
+    """Collect a small streamed body (known length, at most ``SMALL_BODY``; call once signed).
+
+    A streamed body goes on a fresh connection because it cannot be sent
+    twice; most S3 requests are small, and gathered they use the pool (and
+    the retry on a connection the upstream had closed) like a signed body.
+    """
+    if payload.stream is not None and payload.size is not None and payload.size <= SMALL_BODY:
+        payload.body = [piece async for piece in payload.stream]
+        payload.stream = None
+
+
 def _without_aws_chunked(values: list[str]) -> str:
     """The client's content codings other than aws-chunked (``gzip`` of ``aws-chunked,gzip``)."""
     codings = [c.strip() for value in values for c in value.split(",")]
