@@ -243,3 +243,25 @@ async def test_an_unsigned_upload_is_read_no_faster_than_the_upstream_takes_it(s
     server.close()
     # Kernel buffers on both sides plus the proxy's high-water mark: tens of MiB at most, never the body.
     assert sent[0] < 64 * 1024 * 1024, sent[0]
+
+
+async def test_an_early_answer_stops_a_streamed_upload_and_is_relayed(scripted, start_proxy) -> None:
+    """S3 refuses (403, 400) before the body when asked to (Expect: 100-continue); the refusal is relayed."""
+    refusal = b"<Error><Code>AccessDenied</Code></Error>"
+
+    async def refuse_at_once(seen, reader, writer) -> bool:
+        assert seen.header("expect") == "100-continue"  # so it can refuse before the body comes
+        writer.write(b"HTTP/1.1 403 Forbidden\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%b"
+                     % (len(refusal), refusal))  # fmt: skip
+        await writer.drain()
+        return False
+
+    upstream = await scripted(refuse_at_once)
+    proxy = await start_proxy(s3_route(upstream.url, payload="unsigned"))
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(f"PUT /b/k HTTP/1.1\r\n{HEAD}Content-Length: {64 << 20}\r\nExpect: 100-continue\r\n\r\n".encode())
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    body = await asyncio.wait_for(reader.readexactly(len(refusal)), 10)
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 403 ") and body == refusal  # no 100 Continue: the body was never asked for
+    assert upstream.seen[0].header("x-amz-content-sha256") == "UNSIGNED-PAYLOAD"

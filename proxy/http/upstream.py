@@ -11,6 +11,9 @@ bounded whatever the size.
 A streamed request body (``Pool.request``'s ``stream``) is written as it comes,
 waiting whenever the socket's buffer is full, so an upload of any size passes
 in flat memory; it goes on a fresh connection, since it cannot be sent twice.
+It is announced with ``Expect: 100-continue``: an upstream that refuses the
+request (S3's 403 for a bad signature) says so before the body is sent, not
+with a reset in the middle of it.
 
 A request is sent again on a fresh connection only when a pooled connection
 turns out to have been closed by the upstream before a single response byte
@@ -37,6 +40,7 @@ IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 HIGH_WATER = 1 << 20  # pause reading from the upstream above this much unread body
 MAX_HEAD = 64 * 1024  # status line and headers
 IDLE_KEEP = 30.0  # seconds an unused pooled connection is kept
+EXPECT_WAIT = 1.0  # seconds to wait for 100 Continue before sending a streamed body anyway (as curl does)
 MAX_INTERIM = 8  # 1xx answers skipped before one request's answer; more is a 502
 PIECE_COST = 64  # what holding one body piece costs beyond its bytes, counted towards HIGH_WATER
 # A reason phrase has no CR, LF or other control (RFC 9112 4); a missing one is tolerated, as llhttp does.
@@ -223,6 +227,7 @@ class UpstreamResponse:
         self._chunk_state: ChunkDecoder | None = None
         self._until_close = False
         self._paused = False
+        self.continue_waiter: asyncio.Future[None] | None = None  # set by a sender waiting for 100 Continue
 
     # ------------------------------------------------------------ parsing (called by the connection)
 
@@ -241,6 +246,8 @@ class UpstreamResponse:
             fields = block + b"\r\n" if block else b""
             if parse_fields(fields, "surrogateescape") is None:  # skipped, but it must be well-formed
                 raise BadResponse("interim answer: " + malformed_line(fields))
+            if status == 100 and self.continue_waiter is not None and not self.continue_waiter.done():
+                self.continue_waiter.set_result(None)
             return True
         if not 200 <= status <= 599:
             # 101 included: this client never asks to switch protocols (WebSockets go elsewhere).
@@ -592,19 +599,18 @@ class Pool:
         assert transport is not None
         if connection.absolute_form:  # through a forward proxy: the head names the upstream
             target, headers = connection.absolute_form + target, [*headers, *connection.proxy_headers]
+        loop = asyncio.get_running_loop()
+        response.continue_waiter = loop.create_future()
         try:
-            transport.write(_head(method, target, headers))
-            async for piece in stream:
-                if response.headers_done or response._error is not None or connection.closed:
-                    response._keep_alive = False
-                    break
-                if piece:
-                    transport.write(b"%x\r\n%b\r\n" % (len(piece), piece) if chunked else piece)
-                    await connection.drain()
+            transport.write(_head(method, target, [*headers, ("Expect", "100-continue")]))
+            await asyncio.wait(
+                (response.continue_waiter, response._head_waiter), timeout=EXPECT_WAIT, return_when="FIRST_COMPLETED"
+            )
+            if response._head_waiter.done():
+                response._keep_alive = False  # answered before the body: it is never sent (nor read from the client)
             else:
-                if chunked and not connection.closed:
-                    transport.write(b"0\r\n\r\n")
-            timer = asyncio.get_running_loop().call_later(first_byte_timeout, response.time_out, first_byte_timeout)
+                await self._send_body(response, stream, chunked)
+            timer = loop.call_later(first_byte_timeout, response.time_out, first_byte_timeout)
             try:
                 await response.wait_head()
             finally:
@@ -613,6 +619,22 @@ class Pool:
             response.close()
             raise
         return response
+
+    @staticmethod
+    async def _send_body(response: UpstreamResponse, stream: AsyncIterable[bytes], chunked: bool) -> None:
+        """Write ``stream`` no faster than the upstream reads it; stop when it answers early."""
+        connection = response.connection
+        transport = connection.transport
+        assert transport is not None
+        async for piece in stream:
+            if response.headers_done or response._error is not None or connection.closed:
+                response._keep_alive = False
+                return
+            if piece:
+                transport.write(b"%x\r\n%b\r\n" % (len(piece), piece) if chunked else piece)
+                await connection.drain()
+        if chunked and not connection.closed:
+            transport.write(b"0\r\n\r\n")
 
     def close(self) -> None:
         for connection in list(self._all):
