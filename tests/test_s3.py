@@ -99,6 +99,7 @@ HOSTS = [
     ("s3.amazonaws.com", ("s3", "us-east-1")),
     ("my.bucket.s3.amazonaws.com", ("s3", "us-east-1")),
     ("s3.us-gov-west-1.amazonaws.com", ("s3", "us-gov-west-1")),
+    ("bucket.s3-fips.dualstack.us-east-2.amazonaws.com", ("s3", "us-east-2")),
     ("bucket.s3.cn-north-1.amazonaws.com.cn", ("s3", "cn-north-1")),
     ("abc.execute-api.eu-west-1.amazonaws.com", None),
     ("s3bucket.example.com", None),

@@ -52,8 +52,8 @@ _S3_HOSTS = (
     (re.compile(r"(?:^|\.)s3-object-lambda\." + _REGION + _SUFFIX), "s3-object-lambda"),
     # name-123456789012.s3-accesspoint[.dualstack].eu-west-1.amazonaws.com
     (re.compile(r"(?:^|\.)s3-accesspoint(?:\.dualstack)?\." + _REGION + _SUFFIX), "s3"),
-    # bucket.s3[.dualstack].eu-west-1.amazonaws.com, s3.eu-west-1.amazonaws.com (path style)
-    (re.compile(r"(?:^|\.)s3(?:\.dualstack)?\." + _REGION + _SUFFIX), "s3"),
+    # bucket.s3[-fips][.dualstack].eu-west-1.amazonaws.com, s3.eu-west-1.amazonaws.com (path style)
+    (re.compile(r"(?:^|\.)s3(?:-fips)?(?:\.dualstack)?\." + _REGION + _SUFFIX), "s3"),
     # legacy dash style: bucket.s3-eu-west-1.amazonaws.com
     (re.compile(r"(?:^|\.)s3-" + _REGION + _SUFFIX), "s3"),
     # the global endpoint: s3.amazonaws.com, bucket.s3.amazonaws.com, s3.dualstack... (us-east-1)
