@@ -27,8 +27,10 @@ def quick_config(args: argparse.Namespace) -> dict[str, Any]:
     data: dict[str, Any] = {}
     route: dict[str, Any] = {}
     if getattr(args, "upstream", None):
-        route = {"path_prefix": "/", "upstream": args.upstream, "service": args.service}
+        route = {"path_prefix": "/", "upstream": args.upstream}
         data["routes"] = [route]
+        if args.service:
+            route["service"] = args.service
         if args.region:
             route["region"] = args.region
     if getattr(args, "profile", None):
@@ -340,7 +342,9 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--upstream", help="quick start: the upstream URL (one route for every path)")
     run.add_argument("--listen", help="HOST:PORT or PORT (default 127.0.0.1:8080)")
     run.add_argument("--region", help="quick start: the signing region (default: read from the host)")
-    run.add_argument("--service", default="execute-api", help="quick start: the signing service")
+    run.add_argument(
+        "--service", help="quick start: the signing service (default: s3 for S3 host names, else execute-api)"
+    )
     run.add_argument("--profile", help="quick start: the AWS profile to sign with")
     run.add_argument(
         "--forward",

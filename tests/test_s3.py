@@ -266,3 +266,13 @@ async def test_an_early_answer_stops_a_streamed_upload_and_is_relayed(scripted, 
     writer.close()
     assert head.startswith(b"HTTP/1.1 403 ") and body == refusal  # no 100 Continue: the body was never asked for
     assert upstream.seen[0].header("x-amz-content-sha256") == "UNSIGNED-PAYLOAD"
+
+
+def test_quick_start_reads_s3_from_the_host() -> None:
+    from proxy.cli import parser, quick_config
+
+    args = parser().parse_args(["run", "--upstream", "https://my-bucket.s3.eu-west-1.amazonaws.com"])
+    route = parse_config(quick_config(args)).routes[0]
+    assert (route.service, route.resolved_region, route.payload_mode) == ("s3", "eu-west-1", "unsigned")
+    args = parser().parse_args(["run", "--upstream", "https://abc.execute-api.eu-west-1.amazonaws.com/prod"])
+    assert parse_config(quick_config(args)).routes[0].service == "execute-api"
