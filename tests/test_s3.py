@@ -181,25 +181,31 @@ async def test_streaming_needs_a_length(s3_upstream, start_proxy) -> None:
     assert response.status == 411 and s3_upstream.received == []
 
 
-def client_aws_chunked(data: bytes, size: int) -> bytes:
-    """An SDK's aws-chunked body (its own chunk signatures, which the proxy cannot keep)."""
+def client_aws_chunked(data: bytes, size: int, trailer: bool) -> bytes:
+    """An SDK's aws-chunked body: signed chunks (signatures the proxy cannot keep), or unsigned with a trailer."""
     out = b""
+    signature = b"" if trailer else b";chunk-signature=" + b"0" * 64
     for at in range(0, len(data), size):
         piece = data[at : at + size]
-        out += b"%x;chunk-signature=%s\r\n%s\r\n" % (len(piece), b"0" * 64, piece)
-    return out + b"0;chunk-signature=" + b"0" * 64 + b"\r\n\r\n"
+        out += b"%x%s\r\n%s\r\n" % (len(piece), signature, piece)
+    return out + b"0" + signature + b"\r\n" + (b"x-amz-checksum-crc32:AAAAAA==\r\n" if trailer else b"") + b"\r\n"
 
 
+@pytest.mark.parametrize("trailer", [False, True], ids=["signed-chunks", "unsigned-with-trailer"])
 @pytest.mark.parametrize("mode", ["streaming", "unsigned"])
-async def test_client_aws_chunked_is_re_signed_not_wrapped_twice(mode, s3_upstream, start_proxy) -> None:
+async def test_client_aws_chunked_is_re_signed_not_wrapped_twice(mode, trailer, s3_upstream, start_proxy) -> None:
     proxy = await start_proxy(s3_route(s3_upstream.url, payload=mode))
-    data = bytes(range(256)) * 700
-    encoded = client_aws_chunked(data, 8192)
+    data = bytes(range(256)) * 7000  # over 1 MiB: streamed, not gathered
+    encoded = client_aws_chunked(data, 65536, trailer)
     headers = {
         "Content-Encoding": "aws-chunked",
-        "x-amz-content-sha256": "STREAMING-AWS4-HMAC-SHA256-PAYLOAD",
+        "x-amz-content-sha256": "STREAMING-UNSIGNED-PAYLOAD-TRAILER"
+        if trailer
+        else "STREAMING-AWS4-HMAC-SHA256-PAYLOAD",
         "x-amz-decoded-content-length": str(len(data)),
     }
+    if trailer:
+        headers["x-amz-trailer"] = "x-amz-checksum-crc32"
     async with aiohttp.ClientSession() as client, client.put(proxy.url + "/b/k", data=encoded, headers=headers) as r:
         assert r.status == 200, await r.text()
     got = s3_upstream.received[-1]
@@ -276,3 +282,11 @@ def test_quick_start_reads_s3_from_the_host() -> None:
     assert (route.service, route.resolved_region, route.payload_mode) == ("s3", "eu-west-1", "unsigned")
     args = parser().parse_args(["run", "--upstream", "https://abc.execute-api.eu-west-1.amazonaws.com/prod"])
     assert parse_config(quick_config(args)).routes[0].service == "execute-api"
+
+
+async def test_a_chunked_upload_over_an_explicit_max_body_is_413(s3_upstream, start_proxy) -> None:
+    proxy = await start_proxy({**s3_route(s3_upstream.url, payload="unsigned"), "max_body": "1KiB"})
+    response = await raw_request(
+        proxy.url, b"PUT /b/k HTTP/1.1\r\n" + CHUNKED + b"400\r\n" + b"z" * 1024 + b"\r\n1\r\nz\r\n0\r\n\r\n"
+    )
+    assert response.status == 413
