@@ -20,6 +20,7 @@ from proxy.signing.services import s3_scope
 from tests.conftest import TEST_KEY_ID, TEST_REGION, TEST_SECRET, static_route
 from tests.support.rawhttp import raw_request
 from tests.support.sigv4_upstream import SigV4Upstream
+from tests.support.tls import Pki
 
 
 @pytest.fixture
@@ -290,3 +291,18 @@ async def test_a_chunked_upload_over_an_explicit_max_body_is_413(s3_upstream, st
         proxy.url, b"PUT /b/k HTTP/1.1\r\n" + CHUNKED + b"400\r\n" + b"z" * 1024 + b"\r\n1\r\nz\r\n0\r\n\r\n"
     )
     assert response.status == 413
+
+
+async def test_s3_over_https_streams_unsigned_by_default(tmp_path, start_proxy) -> None:
+    """The default S3 mode over TLS: UNSIGNED-PAYLOAD, the body streamed through the TLS transport."""
+    pki = Pki.make(tmp_path)
+    async with SigV4Upstream({TEST_KEY_ID: TEST_SECRET}, region=TEST_REGION, service="s3",
+                             tls=pki.server()) as upstream:  # fmt: skip
+        proxy = await start_proxy(s3_route(upstream.url, ca_bundle=str(pki.ca_file)))
+        assert proxy.config.routes[0].payload_mode == "unsigned"
+        body = bytes(range(256)) * (12 * 4096 + 3)  # 12 MiB and a bit: streamed, over the default max_body
+        async with aiohttp.ClientSession() as client, client.put(proxy.url + "/b/k//x", data=body) as answer:
+            assert answer.status == 200, await answer.text()
+        got = upstream.received[-1]
+        assert got.signature_ok, got.signature_error
+        assert got.body == body and got.header_values("x-amz-content-sha256") == ["UNSIGNED-PAYLOAD"]
