@@ -377,7 +377,7 @@ class Forwarder:
         upstream = await self._send(request.method, route, target, headers, payload, exchange)
         try:
             prefetched = await self._check_clock_skew(route, upstream, exchange) if upstream.status == 403 else None
-            if prefetched is not None and payload.signature is not None:
+            if prefetched is not None and route.auth == "sigv4":
                 self._explain_mismatch(route, payload.signature, prefetched)
             await self._relay(request, upstream, exchange, prefetched, policy)
         except BaseException:
@@ -435,11 +435,18 @@ class Forwarder:
                 )
         return body
 
-    def _explain_mismatch(self, route: Route, signature: signing.Signature, body: bytes) -> None:
-        """A refused signature: log what AWS expected against what we signed, and the likely cause."""
+    def _explain_mismatch(self, route: Route, signature: signing.Signature | None, body: bytes) -> None:
+        """A refused signature: log what AWS expected against what we signed, and the likely cause.
+
+        ``signature`` is None for SigV4a, whose canonical request awscrt keeps to itself: AWS's message is logged.
+        """
         if not mismatch.is_mismatch(body):
             return
-        explanation = mismatch.explain(signature.canonical_request, signature.string_to_sign, body)
+        if signature is None:
+            message = mismatch.expected_by_aws(body)[2].partition("\n")[0]
+            explanation = mismatch.Explanation(f"SigV4a signature refused: {message[:200]}", "")
+        else:
+            explanation = mismatch.explain(signature.canonical_request, signature.string_to_sign, body)
         if self.metrics is not None:
             self.metrics.signature_mismatch(route.path_prefix)
         log.warning(

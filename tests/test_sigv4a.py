@@ -133,3 +133,30 @@ def test_a_multi_region_host_needs_sigv4a(tmp_path) -> None:
         parse_config({"routes": [{"upstream": mrap}]})
     route = parse_config({"routes": [{"upstream": mrap, "signing": "sigv4a"}]}).routes[0]
     assert route.service == "s3" and route.payload_mode == "unsigned"
+
+
+async def test_a_refused_sigv4a_signature_is_logged_and_counted(start_proxy, caplog) -> None:
+    async def refuse(request: web.Request) -> web.Response:
+        await request.read()
+        message = "The request signature we calculated does not match the signature you provided."
+        return web.json_response({"message": message}, status=403)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", refuse)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    try:
+        config = static_route(url, service="s3", signing="sigv4a")
+        del config["routes"][0]["region"]
+        proxy = await start_proxy({**config, "admin_listen": "127.0.0.1:0"})
+        async with aiohttp.ClientSession() as client:
+            async with client.get(proxy.url + "/b/k") as answer:
+                assert answer.status == 403
+            async with client.get(f"http://127.0.0.1:{proxy.admin_port}/metrics") as metrics:
+                assert 'signing_proxy_signature_mismatches_total{route="/"} 1.0' in await metrics.text()
+    finally:
+        await runner.cleanup()
+    assert any("SigV4a signature refused: The request signature" in r.getMessage() for r in caplog.records)
