@@ -376,7 +376,9 @@ class Forwarder:
         target = match.upstream_path + (f"?{query.wire}" if query.wire else "")
         upstream = await self._send(request.method, route, target, headers, payload, exchange)
         try:
-            prefetched = await self._check_clock_skew(route, upstream, exchange) if upstream.status == 403 else None
+            # S3 answers a wrong region with 400 AuthorizationHeaderMalformed, everything else with 403.
+            refused = upstream.status == 403 or (upstream.status == 400 and route.rules.s3_paths)
+            prefetched = await self._check_clock_skew(route, upstream, exchange) if refused else None
             if prefetched is not None and route.auth == "sigv4":
                 self._explain_mismatch(route, payload.signature, prefetched)
             await self._relay(request, upstream, exchange, prefetched, policy)

@@ -101,7 +101,7 @@ async def test_each_cause_is_named_with_the_diff(case, service, servers, start_p
             status, body = answer.status, await answer.read()
         async with client.get(URL(emulator + stage + "/pets?type=dog")) as direct:
             assert direct.status == 403
-    assert status == 403
+    assert status == (400 if (case, service) == ("scope", "s3") else 403)  # S3: 400 AuthorizationHeaderMalformed
     if service == "s3":
         assert body.startswith(b"<?xml") and b"<Error>" in body  # relayed as the emulator wrote it
     else:

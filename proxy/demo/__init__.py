@@ -45,6 +45,15 @@ def _forbidden(message: str) -> web.Response:
 def _s3_forbidden(message: str) -> web.Response:
     """S3's answer: ``<Error>`` XML; a signature mismatch names what S3 expected, element by element."""
     expected = _EXPECTED.search(message)
+    wrong_scope = _WRONG_SCOPE.search(message)
+    if wrong_scope is not None:  # S3 says 400 AuthorizationHeaderMalformed, and which region it wanted
+        region = wrong_scope["region"]
+        body = (
+            '<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AuthorizationHeaderMalformed</Code>'
+            f"<Message>The authorization header is malformed; the region '{escape(wrong_scope['got'])}' is wrong; "
+            f"expecting '{escape(region)}'</Message><Region>{escape(region)}</Region></Error>"
+        )
+        return web.Response(text=body, status=400, content_type="application/xml")
     if expected is None:
         elements = f"<Code>AccessDenied</Code><Message>{escape(message)}</Message>"
     else:
@@ -57,6 +66,7 @@ def _s3_forbidden(message: str) -> web.Response:
     return web.Response(text=body, status=403, content_type="application/xml")
 
 
+_WRONG_SCOPE = re.compile(r"should be scoped to a valid region and service \('(?P<region>[^']*)'.*got '(?P<got>[^']*)'")
 _EXPECTED = re.compile(
     r"should have been\n'(?P<canonical>.*)'\n\nThe String-to-Sign should have been\n'(?P<to_sign>.*)'\n$", re.S
 )
@@ -100,7 +110,10 @@ def verify(
     if secret is None:
         return "The security token included in the request is invalid."
     if (scope_region, scope_service) != (region, service):
-        return f"Credential should be scoped to a valid region and service ('{region}', '{service}')."
+        return (
+            f"Credential should be scoped to a valid region and service ('{region}', '{service}'); "
+            f"got '{scope_region}'."
+        )
     try:
         signed_at = calendar.timegm(time.strptime(amz_date, "%Y%m%dT%H%M%SZ"))
     except ValueError:

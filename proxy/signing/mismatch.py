@@ -25,13 +25,13 @@ from dataclasses import dataclass
 
 _MISMATCH = re.compile(
     r"signature we calculated does not match|SignatureDoesNotMatch|should be scoped to|signature expired|"
-    r"too skewed|RequestTimeTooSkewed|RequestExpired",
+    r"too skewed|RequestTimeTooSkewed|RequestExpired|AuthorizationHeaderMalformed",
     re.IGNORECASE,
 )
 _APIGW_CANONICAL = re.compile(r"Canonical String for this request should have been\s*'(.*?)'\s*\n\s*\n", re.S)
 _APIGW_TO_SIGN = re.compile(r"String-to-Sign should have been\s*'(.*?)'\s*(?:\n|$)", re.S)
 _XML_ELEMENT = "<{0}>(.*?)</{0}>"
-_SCOPE_ERROR = re.compile(r"should be scoped to[^.]*", re.IGNORECASE)
+_SCOPE_ERROR = re.compile(r"should be scoped to[^.]*|the region '[^']*' is wrong; expecting '[^']*'", re.IGNORECASE)
 _SKEW = re.compile(r"signature expired|too skewed|RequestTimeTooSkewed|RequestExpired", re.IGNORECASE)
 
 
@@ -89,11 +89,9 @@ def explain(our_canonical: str, our_string_to_sign: str, body: bytes) -> Explana
                 _diff(our_string_to_sign, to_sign, "string to sign"),
             )
     elif scope_error:
-        return Explanation(
-            f"region or service in the scope: AWS says the credential {scope_error.group(0)}; "
-            "set the route's region or service",
-            "",
-        )
+        said = scope_error.group(0)
+        said = f"the credential {said}" if said.startswith("should") else said
+        return Explanation(f"region or service in the scope: AWS says {said}; set the route's region or service", "")
     if canonical is None:
         return Explanation(f"AWS did not say what it expected ({message[:120]!r})", "")
     ours, theirs = redact(our_canonical), redact(canonical)
