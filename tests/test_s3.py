@@ -274,6 +274,20 @@ async def test_an_early_answer_stops_a_streamed_upload_and_is_relayed(scripted, 
     assert head.startswith(b"HTTP/1.1 403 ") and body == refusal  # no 100 Continue: the body was never asked for
     assert upstream.seen[0].header("x-amz-content-sha256") == "UNSIGNED-PAYLOAD"
 
+    # A client that sends its body at once gets the refusal too: the proxy reads and drops the rest.
+    total, answer = 32 << 20, []
+
+    def upload() -> None:
+        with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
+            sock.settimeout(20)
+            sock.sendall(f"PUT /b/k HTTP/1.1\r\nHost: x\r\nContent-Length: {total}\r\n\r\n".encode())
+            sock.sendall(b"z" * total)
+            while chunk := sock.recv(65536):
+                answer.append(chunk)
+
+    await asyncio.get_running_loop().run_in_executor(None, upload)
+    assert b"".join(answer).startswith(b"HTTP/1.1 403 ") and b"".join(answer).endswith(refusal)
+
 
 def test_quick_start_reads_s3_from_the_host() -> None:
     from proxy.cli import parser, quick_config
