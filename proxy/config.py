@@ -400,7 +400,9 @@ class Route(_Frozen):
 
     @model_validator(mode="after")
     def _multi_region(self) -> Route:
-        if self.auth == "sigv4" and self.signing == "sigv4" and self.resolved_region == "*":
+        # Not resolved_region: it is cached, and the environment's region is only known once the Config is.
+        region = self.region or region_from_host(urlsplit(self.upstream).hostname or "")
+        if self.auth == "sigv4" and self.signing == "sigv4" and region == "*":
             raise ValueError(f"signing: {self.upstream_host} is a multi-region endpoint; set signing: sigv4a")
         return self
 
