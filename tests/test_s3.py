@@ -228,7 +228,8 @@ async def test_an_unsigned_upload_is_read_no_faster_than_the_upstream_takes_it(s
 
     server = await asyncio.start_server(hold, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    proxy = await start_proxy(s3_route(f"http://127.0.0.1:{port}", payload="unsigned", timeout="60s"))
+    # The client gives up after 3 s without progress; the proxy's 504 for the stalled upstream comes later.
+    proxy = await start_proxy(s3_route(f"http://127.0.0.1:{port}", payload="unsigned", first_byte_timeout="6s"))
     total = 512 * 1024 * 1024
     sent = [0]
 
@@ -320,3 +321,28 @@ async def test_s3_over_https_streams_unsigned_by_default(tmp_path, start_proxy) 
         got = upstream.received[-1]
         assert got.signature_ok, got.signature_error
         assert got.body == body and got.header_values("x-amz-content-sha256") == ["UNSIGNED-PAYLOAD"]
+
+
+async def test_an_upstream_that_stops_reading_the_body_is_a_504(start_proxy) -> None:
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.Event().wait()  # reads nothing, answers nothing
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    proxy = await start_proxy(s3_route(f"http://127.0.0.1:{port}", payload="unsigned", first_byte_timeout="1s"))
+    total, answer = 48 << 20, []
+
+    def upload() -> None:
+        with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
+            sock.settimeout(20)
+            sock.sendall(f"PUT /b/k HTTP/1.1\r\nHost: x\r\nContent-Length: {total}\r\n\r\n".encode())
+            sock.sendall(b"z" * total)  # the proxy reads the rest and drops it once it has answered
+            while chunk := sock.recv(65536):
+                answer.append(chunk)
+
+    try:
+        await asyncio.get_running_loop().run_in_executor(None, upload)
+    finally:
+        server.close()
+    assert b"".join(answer).startswith(b"HTTP/1.1 504 ")
+    assert b"read none of the request body for 1s" in b"".join(answer)

@@ -166,10 +166,14 @@ class _Connection(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def drain(self) -> None:
-        """Wait until the socket takes more (a streamed request body)."""
+    async def drain(self, timeout: float) -> None:
+        """Wait until the socket takes more (a streamed request body); ``FirstByteTimeout`` after ``timeout``."""
         if self.drain_waiter is not None:
-            await self.drain_waiter
+            try:
+                async with asyncio.timeout(timeout):
+                    await self.drain_waiter
+            except TimeoutError:
+                raise FirstByteTimeout(f"the upstream read none of the request body for {timeout:g}s") from None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -609,7 +613,7 @@ class Pool:
             if response._head_waiter.done():
                 response._keep_alive = False  # answered before the body: it is never sent (nor read from the client)
             else:
-                await self._send_body(response, stream, chunked)
+                await self._send_body(response, stream, chunked, first_byte_timeout)
             timer = loop.call_later(first_byte_timeout, response.time_out, first_byte_timeout)
             try:
                 await response.wait_head()
@@ -621,8 +625,14 @@ class Pool:
         return response
 
     @staticmethod
-    async def _send_body(response: UpstreamResponse, stream: AsyncIterable[bytes], chunked: bool) -> None:
-        """Write ``stream`` no faster than the upstream reads it; stop when it answers early."""
+    async def _send_body(
+        response: UpstreamResponse, stream: AsyncIterable[bytes], chunked: bool, stall_timeout: float
+    ) -> None:
+        """Write ``stream`` no faster than the upstream reads it; stop when it answers early.
+
+        An upstream that takes none of the body for ``stall_timeout`` (the route's
+        first-byte timeout) fails the request with a 504, as one that does not answer.
+        """
         connection = response.connection
         transport = connection.transport
         assert transport is not None
@@ -632,7 +642,7 @@ class Pool:
                 return
             if piece:
                 transport.write(b"%x\r\n%b\r\n" % (len(piece), piece) if chunked else piece)
-                await connection.drain()
+                await connection.drain(stall_timeout)
         if chunked and not connection.closed:
             transport.write(b"0\r\n\r\n")
 
