@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
+import shutil
 import socket
 import threading
 
@@ -346,3 +348,29 @@ async def test_an_upstream_that_stops_reading_the_body_is_a_504(start_proxy) -> 
         server.close()
     assert b"".join(answer).startswith(b"HTTP/1.1 504 ")
     assert b"read none of the request body for 1s" in b"".join(answer)
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+async def test_s3_through_the_forward_proxy_keeps_keys_and_streams(s3_upstream, start_proxy, tmp_path) -> None:
+    """curl with HTTPS_PROXY and the bucket's real URL: S3 rules and payload modes hold for forward rules too."""
+    bucket = "my-bucket.s3.eu-west-1.amazonaws.com"
+    config = static_route(s3_upstream.url)
+    del config["routes"]
+    config["forward"] = {"hosts": [{"host": "*.s3.eu-west-1.amazonaws.com", "credentials": "test",
+                                    "connect_to": s3_upstream.url}], "ca": str(tmp_path / "ca")}  # fmt: skip
+    proxy = await start_proxy(config)
+    upload = tmp_path / "upload.bin"
+    upload.write_bytes(bytes(range(256)) * (3 * 4096 + 1))  # 3 MiB and a bit: streamed
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()} | {"HTTPS_PROXY": proxy.url}
+    assert proxy.ca is not None
+    process = await asyncio.create_subprocess_exec(
+        "curl", "-sS", "--max-time", "20", "--cacert", str(proxy.ca.cert_path), "--path-as-is",
+        "-T", str(upload), f"https://{bucket}/logs//2026/../a+b%20c.bin", env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await process.communicate()
+    assert process.returncode == 0, err
+    got = s3_upstream.received[-1]
+    assert got.signature_ok, got.signature_error
+    assert got.raw_path == "/logs//2026/../a%2Bb%20c.bin" and got.header_values("host") == [bucket]
+    assert got.header_values("x-amz-content-sha256") == ["UNSIGNED-PAYLOAD"] and got.body == upload.read_bytes()
