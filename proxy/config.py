@@ -335,7 +335,9 @@ class Route(_Frozen):
     @model_validator(mode="after")
     def _payload(self) -> Route:
         allowed = self.rules.payload_modes
-        if self.payload is not None and self.payload not in allowed:
+        # A forward rule's template has no host yet: its hosts' routes are checked when they are made.
+        template = urlsplit(self.upstream).hostname == FORWARD_TEMPLATE_HOST and "service" not in self.model_fields_set
+        if self.payload is not None and self.payload not in allowed and not template:
             raise ValueError(
                 f"payload: {self.payload} is not accepted by service {self.service!r}; expected one of {list(allowed)}"
             )
@@ -492,6 +494,8 @@ class Route(_Frozen):
 
 # ---------------------------------------------------------------- forward proxy
 
+FORWARD_TEMPLATE_HOST = "forward.invalid"  # the stand-in host a forward rule's keys are checked with
+
 # The keys of a route a forward rule may not set: the host it matched gives them.
 _ROUTE_ONLY = frozenset({"path_prefix", "upstream"})
 
@@ -515,7 +519,7 @@ class ForwardRule(_Frozen):
     def template(self) -> Route:
         """The rule's keys as a route (with a stand-in host): checked once, and where the Config puts
         what the environment adds (egress, CA bundle, region), copied to each host's route."""
-        return Route.model_validate({"upstream": "https://forward.invalid", **self.route_keys})
+        return Route.model_validate({"upstream": f"https://{FORWARD_TEMPLATE_HOST}", **self.route_keys})
 
     @model_validator(mode="after")
     def _valid(self) -> ForwardRule:

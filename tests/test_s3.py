@@ -351,13 +351,14 @@ async def test_an_upstream_that_stops_reading_the_body_is_a_504(start_proxy) -> 
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
-async def test_s3_through_the_forward_proxy_keeps_keys_and_streams(s3_upstream, start_proxy, tmp_path) -> None:
+@pytest.mark.parametrize("payload", [None, "streaming"])
+async def test_s3_through_the_forward_proxy_keeps_keys_and_streams(payload, s3_upstream, start_proxy, tmp_path) -> None:
     """curl with HTTPS_PROXY and the bucket's real URL: S3 rules and payload modes hold for forward rules too."""
     bucket = "my-bucket.s3.eu-west-1.amazonaws.com"
     config = static_route(s3_upstream.url)
     del config["routes"]
-    config["forward"] = {"hosts": [{"host": "*.s3.eu-west-1.amazonaws.com", "credentials": "test",
-                                    "connect_to": s3_upstream.url}], "ca": str(tmp_path / "ca")}  # fmt: skip
+    rule = {"host": "*.s3.eu-west-1.amazonaws.com", "credentials": "test", "connect_to": s3_upstream.url}
+    config["forward"] = {"hosts": [{**rule, **({"payload": payload} if payload else {})}], "ca": str(tmp_path / "ca")}
     proxy = await start_proxy(config)
     upload = tmp_path / "upload.bin"
     upload.write_bytes(bytes(range(256)) * (3 * 4096 + 1))  # 3 MiB and a bit: streamed
@@ -373,4 +374,5 @@ async def test_s3_through_the_forward_proxy_keeps_keys_and_streams(s3_upstream, 
     got = s3_upstream.received[-1]
     assert got.signature_ok, got.signature_error
     assert got.raw_path == "/logs//2026/../a%2Bb%20c.bin" and got.header_values("host") == [bucket]
-    assert got.header_values("x-amz-content-sha256") == ["UNSIGNED-PAYLOAD"] and got.body == upload.read_bytes()
+    signed_as = "STREAMING-AWS4-HMAC-SHA256-PAYLOAD" if payload else "UNSIGNED-PAYLOAD"  # default over https: unsigned
+    assert got.header_values("x-amz-content-sha256") == [signed_as] and got.body == upload.read_bytes()
