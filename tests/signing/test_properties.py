@@ -20,9 +20,16 @@ from hypothesis import strategies as st
 from proxy.config import parse_config
 from proxy.server import ProxyServer
 from tests.conftest import TEST_KEY_ID, TEST_SECRET, TEST_SESSION_TOKEN, static_route
+from tests.signing.test_signing import (
+    decoded_pairs,
+    expected_segments,
+    path_strategy,
+    query_strategy,
+    to_wire,
+    wire_segments,
+)
 from tests.support.rawhttp import raw_request
 from tests.support.sigv4_upstream import Received, SigV4Upstream
-from tests.test_signing import decoded_pairs, expected_segments, path_strategy, query_strategy, to_wire, wire_segments
 
 TCHAR = string.ascii_letters + string.digits + "!#$%&'*+-.^_`|~"
 HOP_BY_HOP = ["Keep-Alive", "TE", "Trailer", "Proxy-Authorization", "Proxy-Connection", "proxy-authenticate"]

@@ -23,9 +23,7 @@ from proxy.config import parse_config
 from proxy.server import ProxyServer
 from proxy.signing import SigningRequest, normalize_query, sign
 from tests.conftest import TEST_KEY_ID, TEST_REGION, TEST_SECRET, TEST_SESSION_TOKEN, StartProxy, static_route
-from tests.support.rawhttp import raw_request
-from tests.support.sigv4_upstream import Received, SigV4Upstream
-from tests.test_signing import (
+from tests.signing.test_signing import (
     SHAPES,
     Shape,
     decoded_pairs,
@@ -35,6 +33,8 @@ from tests.test_signing import (
     to_wire,
     wire_segments,
 )
+from tests.support.rawhttp import raw_request
+from tests.support.sigv4_upstream import Received, SigV4Upstream
 
 AMZ_DATE = "20240229T235959Z"
 
