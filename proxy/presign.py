@@ -16,8 +16,8 @@ from urllib.parse import urlsplit
 from . import signing
 from .config import Config, ConfigError, Route
 from .credentials import Provider
+from .signing.presigned import presign_query
 from .signing.services import UNSIGNED_PAYLOAD
-from .websocket import presign_query
 
 MAX_EXPIRES = 7 * 24 * 3600  # what SigV4 allows
 

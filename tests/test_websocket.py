@@ -25,7 +25,8 @@ from awscrt.http import HttpHeaders, HttpRequest
 from websockets.asyncio.client import connect
 
 from proxy import signing
-from proxy.websocket import MAX_MESSAGE, UPSTREAM_FRAME_SIZE, presign_query
+from proxy.signing.presigned import presign_query
+from proxy.websocket.relay import MAX_MESSAGE, UPSTREAM_FRAME_SIZE
 from tests.conftest import TEST_KEY_ID, TEST_REGION, TEST_SECRET, TEST_SESSION_TOKEN, static_route
 from tests.support.rawhttp import raw_request
 from tests.support.ws_upstream import Connection, WsUpstream, pattern, text_pattern

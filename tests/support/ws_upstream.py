@@ -26,7 +26,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from proxy.websocket import PRESIGN_PARAMS
+from proxy.signing.presigned import PRESIGN_PARAMS
 from tests.support.sigv4_upstream import AMZ_DATE_FORMAT, Received, SignatureError, SigV4Upstream
 
 FLOOD_CHUNK = 64 * 1024
