@@ -166,3 +166,15 @@ def test_an_added_cycle_is_caught() -> None:
     graph["proxy.credentials.base"].add("proxy.credentials.cognito")  # cognito imports base
     cycle = find_cycle(graph)
     assert cycle is not None and {"proxy.credentials.base", "proxy.credentials.cognito"} <= set(cycle)
+
+
+def test_every_subpackage_is_installed() -> None:
+    """A non-editable install (the container image) ships every subpackage, not only the ones once listed."""
+    import tomllib
+
+    from setuptools import find_packages
+
+    settings = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    shipped = set(find_packages(str(PACKAGE.parent), include=settings["include"]))
+    on_disk = {module_name(path.parent / "__init__.py") for path in PACKAGE.rglob("__init__.py")}
+    assert on_disk <= shipped, on_disk - shipped
