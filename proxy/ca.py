@@ -7,8 +7,11 @@ ca`` prints how). Modelled on mitmproxy's ``CertStore``, with what it lacks:
 
 * the CA is **name-constrained** (X.509 permitted DNS subtrees) to the suffixes of
   the configured forward hosts (``amazonaws.com``, ``on.aws``, ...), and every IP
-  address is excluded: a leaked key cannot impersonate any other site. It is
-  issued again, with a new key, when the configured suffixes change;
+  address is excluded: a leaked key cannot impersonate any other site. With
+  ``listen_tls: auto`` it also permits the loopback names (``localhost``,
+  127.0.0.0/8, ::1), which then are the only addresses it permits, for the
+  listener's own certificate. It is issued again, with a new key, when what it
+  must permit changes;
 * leaf certificates live ``LEAF_LIFETIME`` (hours), are kept in memory only and
   share one key per process (a new key per host would cost more than it protects);
 * the directory is the owner's alone (0700), the key file 0600, written
@@ -46,6 +49,9 @@ DEFAULT_SUFFIXES = ("amazonaws.com", "on.aws")  # when a CA is made before any f
 CA_LIFETIME = datetime.timedelta(days=825)
 CA_RENEW_BEFORE = datetime.timedelta(days=30)
 LEAF_LIFETIME = datetime.timedelta(hours=12)
+# What ``listen_tls: auto`` adds to the constraints, and the names of the listener's certificate.
+LOOPBACK = ("localhost", "127.0.0.0/8", "::1/128")
+LISTENER_NAMES = ("localhost", "127.0.0.1", "::1")
 LEAF_RENEW_BEFORE = 3600.0  # seconds: a cached leaf this close to expiry is minted again
 BACKDATE = datetime.timedelta(hours=1)  # a client whose clock is a little behind still accepts a new leaf
 MAX_CACHED_LEAVES = 1024
@@ -89,6 +95,7 @@ class CertificateAuthority:
 
     @property
     def suffixes(self) -> tuple[str, ...]:
+        """What the name constraints permit: DNS suffixes, and the loopback networks when it certifies the listener."""
         return permitted_suffixes(self.certificate)
 
     @staticmethod
@@ -99,17 +106,23 @@ class CertificateAuthority:
 
     @classmethod
     def open(
-        cls, directory: str | Path, suffixes: Iterable[str] | None = None, *, renew: bool = False
+        cls,
+        directory: str | Path,
+        suffixes: Iterable[str] | None = None,
+        *,
+        loopback: bool = False,
+        renew: bool = False,
     ) -> CertificateAuthority:
         """The CA in ``directory``, created on first use, issued again when needed.
 
         ``suffixes``: what the name constraints must permit; a CA permitting
         anything else is replaced. None keeps whatever CA exists (a new one
-        permits ``DEFAULT_SUFFIXES``). ``renew`` always makes a new key and
+        permits ``DEFAULT_SUFFIXES``). ``loopback`` adds ``LOOPBACK`` (for
+        ``listen_tls: auto``). ``renew`` always makes a new key and
         certificate. Raises ``CAError``.
         """
         path = cls.path(directory)
-        wanted = tuple(sorted(set(suffixes))) if suffixes is not None else None
+        wanted = scope(suffixes or (), loopback) if suffixes is not None or loopback else None
         try:
             path.mkdir(mode=0o700, parents=True, exist_ok=True)
             if path.stat().st_mode & 0o077:
@@ -151,8 +164,19 @@ class CertificateAuthority:
         self._contexts[host] = (expires, context)
         return context
 
-    def leaf(self, host: str, key: ec.EllipticCurvePrivateKey | None = None) -> x509.Certificate:
-        """A leaf certificate for ``host`` signed by this CA (for the leaf key unless ``key`` is given)."""
+    def listener(self) -> ListenerCertificate:
+        """The HTTPS listener's certificate (``LISTENER_NAMES``): the CA must permit ``LOOPBACK``."""
+        if not set(LOOPBACK) <= set(self.suffixes):
+            raise CAError(f"{self.cert_path} does not permit the loopback names (open it with loopback=True)")
+        return ListenerCertificate(self)
+
+    def leaf(
+        self, host: str, key: ec.EllipticCurvePrivateKey | None = None, *, also: Iterable[str] = ()
+    ) -> x509.Certificate:
+        """A leaf certificate for ``host`` (and the names ``also``) signed by this CA, for the leaf key unless ``key``.
+
+        A name that is an IP address goes in the certificate as one (SAN IP), others as DNS names.
+        """
         now = datetime.datetime.now(datetime.UTC)
         public = (key or self._leaf_key).public_key()
         ca_key_id = x509.SubjectKeyIdentifier.from_public_key(self._key.public_key())
@@ -164,7 +188,7 @@ class CertificateAuthority:
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - BACKDATE)
             .not_valid_after(now + LEAF_LIFETIME)
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
+            .add_extension(x509.SubjectAlternativeName([_general_name(name) for name in (host, *also)]), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(_key_usage(digital_signature=True), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
@@ -174,26 +198,70 @@ class CertificateAuthority:
         )
 
     def _mint(self, host: str) -> tuple[float, ssl.SSLContext]:
-        certificate = self.leaf(host)
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         context.set_alpn_protocols(["http/1.1"])
+        return self._load_leaf(context, self.leaf(host)), context
+
+    def _load_leaf(self, context: ssl.SSLContext, certificate: x509.Certificate) -> float:
+        """Put ``certificate`` (for the leaf key) in ``context``; its expiry (epoch seconds)."""
         with _pem_file(certificate.public_bytes(serialization.Encoding.PEM) + self._leaf_key_pem) as path:
             context.load_cert_chain(path)
-        return certificate.not_valid_after_utc.timestamp(), context
+        return certificate.not_valid_after_utc.timestamp()
+
+
+class ListenerCertificate:
+    """The ``listen_tls: auto`` certificate: one TLS context whose leaf ``renew()`` replaces in place.
+
+    The listening socket keeps the same ``SSLContext`` for its life; loading a new
+    chain into it changes what later handshakes present, while connections
+    already open keep theirs. The server calls ``renew()`` when ``renew_in()``
+    says so (``LEAF_RENEW_BEFORE`` ahead of expiry).
+    """
+
+    def __init__(self, ca: CertificateAuthority) -> None:
+        self._ca = ca
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.minimum_version = ssl.TLSVersion.TLSv1_2
+        self.renew()
+
+    def renew(self, ca: CertificateAuthority | None = None) -> None:
+        """Mint a new leaf (from ``ca`` when the CA was issued again) for the handshakes to come."""
+        self._ca = ca or self._ca
+        self.certificate = self._ca.leaf(LISTENER_NAMES[0], also=LISTENER_NAMES[1:])
+        self.expires = self._ca._load_leaf(self.context, self.certificate)
+
+    def renew_in(self) -> float:
+        """Seconds until the leaf should be renewed (0 when it is due)."""
+        return max(0.0, self.expires - LEAF_RENEW_BEFORE - time.time())
 
 
 # ---------------------------------------------------------------- the CA files
 
 
+def scope(suffixes: Iterable[str], loopback: bool) -> tuple[str, ...]:
+    """What a CA must permit (sorted as ``permitted_suffixes`` gives it): the suffixes, and ``LOOPBACK`` if asked."""
+    return tuple(sorted({*suffixes, *(LOOPBACK if loopback else ())}))
+
+
 def permitted_suffixes(certificate: x509.Certificate) -> tuple[str, ...]:
-    """The DNS names a CA certificate's name constraints permit (sorted)."""
+    """The DNS names and IP networks (as text) a CA certificate's name constraints permit (sorted)."""
     try:
         constraints = certificate.extensions.get_extension_for_class(x509.NameConstraints).value
     except x509.ExtensionNotFound:
         return ()
     permitted = constraints.permitted_subtrees or ()
-    return tuple(sorted(str(name.value) for name in permitted if isinstance(name, x509.DNSName)))
+    kinds = (x509.DNSName, x509.IPAddress)
+    return tuple(sorted(str(name.value) for name in permitted if isinstance(name, kinds)))
+
+
+def _general_name(name: str) -> x509.GeneralName:
+    """``name`` as a SAN entry: an IP address or network as one, anything else as a DNS name."""
+    try:
+        address = ipaddress.ip_network(name) if "/" in name else ipaddress.ip_address(name)
+    except ValueError:
+        return x509.DNSName(name)
+    return x509.IPAddress(address)
 
 
 def _key_usage(*, digital_signature: bool = False, cert_sign: bool = False) -> x509.KeyUsage:
@@ -213,12 +281,18 @@ def _issue(suffixes: Iterable[str]) -> tuple[x509.Certificate, ec.EllipticCurveP
             x509.NameAttribute(NameOID.COMMON_NAME, f"signing-proxy local CA ({socket.gethostname()[:30]})"),
         ]
     )
+    permitted = [_general_name(name) for name in sorted(set(suffixes))]
+    # Without a permitted IP subtree every address would be permitted: exclude them all. With one (the
+    # loopback networks), addresses outside the permitted subtrees are refused already, IPv6 as IPv4.
+    any_ip = not any(isinstance(name, x509.IPAddress) for name in permitted)
     constraints = x509.NameConstraints(
-        permitted_subtrees=[x509.DNSName(suffix) for suffix in sorted(set(suffixes))],
+        permitted_subtrees=permitted,
         excluded_subtrees=[
             x509.IPAddress(ipaddress.ip_network("0.0.0.0/0")),
             x509.IPAddress(ipaddress.ip_network("::/0")),
-        ],
+        ]
+        if any_ip
+        else None,
     )
     certificate = (
         x509.CertificateBuilder()
@@ -274,7 +348,7 @@ def _stale(certificate: x509.Certificate, wanted: tuple[str, ...] | None) -> str
     if certificate.not_valid_after_utc - CA_RENEW_BEFORE < datetime.datetime.now(datetime.UTC):
         return "the previous one expires within 30 days"
     if wanted is not None and permitted_suffixes(certificate) != wanted:
-        return f"the configured suffixes changed from {', '.join(permitted_suffixes(certificate))}"
+        return f"the configured names changed from {', '.join(permitted_suffixes(certificate))}"
     return ""
 
 

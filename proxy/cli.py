@@ -91,11 +91,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         run_loop(serve_forever(ProxyServer(config), reload=reload))
         return 0
 
-    if config.forward.hosts:  # made (or issued again) once, here, rather than by the workers in a race
+    auto_tls = config.listen_tls == "auto"
+    if config.forward.hosts or auto_tls:  # made (or issued again) once, here, rather than by the workers in a race
         from .ca import CAError, CertificateAuthority
 
         try:
-            CertificateAuthority.open(config.forward.ca, config.forward.suffixes)
+            CertificateAuthority.open(config.forward.ca, config.forward.suffixes, loopback=auto_tls)
         except CAError as error:
             raise ConfigError(f"forward.ca: {error}") from None
 
@@ -248,7 +249,12 @@ def cmd_ca(args: argparse.Namespace) -> int:
     config = load(args) if args.config or args.forward else None
     forward = config.forward if config is not None else Forward()
     try:  # without forward hosts, an existing CA is kept as it is (a running proxy uses it)
-        ca = CertificateAuthority.open(forward.ca, forward.suffixes if forward.hosts else None, renew=args.renew)
+        ca = CertificateAuthority.open(
+            forward.ca,
+            forward.suffixes if forward.hosts else None,
+            loopback=config is not None and config.listen_tls == "auto",
+            renew=args.renew,
+        )
     except CAError as error:
         print(f"signing-proxy ca: {error}", file=sys.stderr)
         return 1

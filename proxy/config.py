@@ -24,8 +24,10 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
     PrivateAttr,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
@@ -584,6 +586,13 @@ class ListenTls(_Frozen):
     key: str | None = None
     _context: ssl.SSLContext | None = PrivateAttr(default=None)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _shape(cls, value: Any) -> Any:
+        if not isinstance(value, dict | ListenTls):
+            raise ValueError(f"expected auto, or a mapping with cert (and key), got {value!r}")
+        return value
+
     @model_validator(mode="after")
     def _load(self) -> ListenTls:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -602,7 +611,13 @@ class ListenTls(_Frozen):
 
 class Config(_Frozen):
     listen: Listen = ("127.0.0.1", 8080)
-    listen_tls: ListenTls | None = None  # serve HTTPS on listen with this certificate
+    listen_tls: (
+        Annotated[  # serve HTTPS on listen: auto (a certificate from the local CA), or this one
+            Annotated[Literal["auto"], Tag("auto")] | Annotated[ListenTls, Tag("files")],
+            Discriminator(lambda value: "auto" if value == "auto" else "files"),
+        ]
+        | None
+    ) = None
     admin_listen: Listen | None = None  # /healthz, /readyz, /metrics; off unless set
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
@@ -762,6 +777,8 @@ def _format_errors(error: ValidationError) -> str:
         loc = list(item["loc"])
         if len(loc) > 2 and loc[0] == "credentials":
             del loc[2]  # the discriminator tag pydantic inserts
+        if loc[:2] == ["listen_tls", "files"]:
+            del loc[1]
         where = ".".join(str(part) for part in loc)
         message = item["msg"].removeprefix("Value error, ")
         lines.append(f"{where}: {message}" if where and not message.startswith(where) else message)

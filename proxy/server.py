@@ -8,12 +8,13 @@ import gc
 import logging
 import signal
 import socket
+import ssl
 from collections.abc import Callable
 
 from aiohttp import web
 
-from .ca import CAError, CertificateAuthority
-from .config import Config, ConfigError
+from .ca import CAError, CertificateAuthority, ListenerCertificate, scope
+from .config import Config, ConfigError, ListenTls
 from .cors import any_origin
 from .credentials import CredentialsUnavailable, Provider, build_providers
 from .forward import ForwardProxy
@@ -58,12 +59,29 @@ class ProxyServer:
         self._sampler: asyncio.Task[None] | None = None
         self._log_flusher: asyncio.Task[None] | None = None
         self.ca: CertificateAuthority | None = None
+        # listen_tls: auto, fixed for the listener's life (a reload cannot change listen_tls)
+        self.listener_certificate: ListenerCertificate | None = None
+        self._auto_tls = config.listen_tls == "auto"
         self.forward = self._forward_proxy(config)
+        self._tls_renewer: asyncio.Task[None] | None = None
 
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{'https' if self.config.listen_tls else 'http'}://{host}:{self.port}"
+
+    def _listener_tls(self) -> ssl.SSLContext | None:
+        if self.listener_certificate is not None:
+            return self.listener_certificate.context
+        return self.config.listen_tls.context if isinstance(self.config.listen_tls, ListenTls) else None
+
+    async def _renew_listener_certificate(self) -> None:
+        """Keep the ``listen_tls: auto`` leaf fresh while the proxy runs (it lives hours; the proxy, weeks)."""
+        assert self.listener_certificate is not None
+        while True:
+            await asyncio.sleep(self.listener_certificate.renew_in())
+            self.listener_certificate.renew()
+            log.info("listen_tls: auto: certificate for the listener renewed")
 
     async def _dispatch(self, request: Request) -> None:
         assert self.forwarder is not None
@@ -74,12 +92,21 @@ class ProxyServer:
         return self.forwarder.connect(request)
 
     def _forward_proxy(self, config: Config) -> ForwardProxy:
-        """The forward rules, with the local CA opened (created, or issued again) for their suffixes."""
-        forward = config.forward
-        if forward.hosts and (self.ca is None or self.ca.suffixes != forward.suffixes or
-                              self.ca.directory != CertificateAuthority.path(forward.ca)):  # fmt: skip
+        """The forward rules, with the local CA opened (created, or issued again) for their suffixes.
+
+        With ``listen_tls: auto`` the CA also permits the loopback names, and a CA issued
+        again signs a new listener certificate at once (clients trust the new ``ca.pem``).
+        """
+        forward, loopback = config.forward, self._auto_tls
+        if (forward.hosts or loopback) and (self.ca is None or self.ca.suffixes != scope(forward.suffixes, loopback) or
+                                            self.ca.directory != CertificateAuthority.path(forward.ca)):  # fmt: skip
             try:
-                self.ca = CertificateAuthority.open(forward.ca, forward.suffixes)
+                self.ca = CertificateAuthority.open(forward.ca, forward.suffixes, loopback=loopback)
+                if loopback:
+                    if self.listener_certificate is None:
+                        self.listener_certificate = self.ca.listener()
+                    else:
+                        self.listener_certificate.renew(self.ca)
             except CAError as error:
                 raise ConfigError(f"forward.ca: {error}") from None
         return ForwardProxy(forward, self.ca if forward.hosts else None)
@@ -95,7 +122,7 @@ class ProxyServer:
             connect=self._connect,
         )
         loop = asyncio.get_running_loop()
-        tls = self.config.listen_tls.context if self.config.listen_tls else None
+        tls = self._listener_tls()
         if self._sock is not None:
             self._listener = await loop.create_server(self.front, sock=self._sock, backlog=LISTEN_BACKLOG, ssl=tls)
         else:
@@ -106,6 +133,8 @@ class ProxyServer:
         self.metrics.watch(lambda: self.providers)
         self._sampler = asyncio.create_task(self._every_second())
         self._log_flusher = asyncio.create_task(flush_periodically())
+        if self.listener_certificate is not None:
+            self._tls_renewer = asyncio.create_task(self._renew_listener_certificate())
         if self.config.admin_listen is not None and self.worker == 0:
             await self._start_admin(*self.config.admin_listen)
         if not is_loopback(self.host) and not self.config.inbound_token:
@@ -200,7 +229,7 @@ class ProxyServer:
 
     async def close(self) -> None:
         """Stop accepting, give running requests ``shutdown_grace`` to finish, then close."""
-        for task in [*self._warmups, self._sampler, self._log_flusher]:
+        for task in [*self._warmups, self._sampler, self._log_flusher, self._tls_renewer]:
             if task is not None:
                 task.cancel()
         if self._listener is not None:
