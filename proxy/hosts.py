@@ -1,7 +1,8 @@
 """Host names: forward-proxy patterns, and the region and service an AWS host name tells.
 
-Pure functions on strings, no I/O. A pattern is ``host[:port]`` where ``*``
-stands for exactly one DNS label (``*.execute-api.*.amazonaws.com``) or the
+Pure functions on strings, no I/O (S3's many host styles are read by
+``signing.services.s3_scope``, the table reverse routes use too). A pattern is
+``host[:port]`` where ``*`` stands for exactly one DNS label (``*.execute-api.*.amazonaws.com``) or the
 rest of one (``search-logs-*.eu-west-1.es.amazonaws.com``); the port is 443
 unless the pattern names another. A pattern with a wildcard must end in two
 literal labels, so that no pattern can cover every host of a top-level domain
@@ -14,6 +15,8 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass
+
+from .signing.services import s3_scope
 
 DEFAULT_PORT = 443
 _LABEL = re.compile(r"[a-z0-9_*](?:[a-z0-9_*-]*[a-z0-9_*])?")
@@ -85,14 +88,12 @@ def parse_pattern(text: str, *, allow_ip: bool = False) -> HostPattern:
 
 _REGION = r"(?P<region>[a-z]{2}(?:-gov|-iso[a-z]?)?-[a-z]+-\d)"
 _DOMAIN = r"(?:amazonaws\.com(?:\.cn)?)"
-# First match wins; a named group ``service`` takes the service from the host itself.
+# After S3's (``s3_scope``), first match wins; a named group ``service`` takes the service from the host itself.
 _ENDPOINTS: tuple[tuple[re.Pattern[str], str | None, str | None], ...] = tuple(
     (re.compile(pattern), service, region)
     for pattern, service, region in (
         (rf"[^.]+\.lambda-url\.{_REGION}\.on\.aws", "lambda", None),
         (rf"[^.]+\.{_REGION}\.(?P<service>es|aoss)\.{_DOMAIN}", None, None),  # OpenSearch domains, collections
-        (rf"(?:.+\.)?s3(?:-accesspoint|-object-lambda)?[.-](?:dualstack\.)?{_REGION}\.{_DOMAIN}", "s3", None),
-        (rf"(?:.+\.)?s3\.{_DOMAIN}", "s3", "us-east-1"),
         (rf"(?P<service>sts|iam|route53|cloudfront|organizations)\.{_DOMAIN}", None, "us-east-1"),
         (rf"(?:[^.]+\.)*?(?P<service>[a-z0-9-]+)\.{_REGION}\.{_DOMAIN}", None, None),
     )
@@ -104,8 +105,13 @@ def aws_endpoint(host: str) -> tuple[str | None, str | None]:
 
     ``abc.execute-api.eu-west-1.amazonaws.com`` gives execute-api, ``x.lambda-url.us-east-1.on.aws``
     lambda, ``search-d.eu-west-1.es.amazonaws.com`` es, ``bucket.s3.eu-west-1.amazonaws.com`` s3,
-    ``dynamodb.eu-west-1.amazonaws.com`` dynamodb (the first label of ``service.region.amazonaws.com``).
+    ``dynamodb.eu-west-1.amazonaws.com`` dynamodb (the first label of ``service.region.amazonaws.com``);
+    S3 in any style as ``s3_scope`` reads it (``s3-object-lambda``, ``s3-outposts``, ``*`` for a
+    multi-region access point, which a rule must sign with sigv4a).
     """
+    s3 = s3_scope(host)
+    if s3 is not None:
+        return s3[1], s3[0]
     for regex, service, region in _ENDPOINTS:
         match = regex.fullmatch(host)
         if match is not None:
