@@ -272,11 +272,14 @@ def cmd_ca(args: argparse.Namespace) -> int:
     expires = ca.certificate.not_valid_after_utc.strftime("%Y-%m-%d")
     host, port = config.listen if config is not None else ("127.0.0.1", 8080)
     listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    listener = ""
+    if config is not None and config.listen_tls == "auto":
+        listener = f"\n  it signs the listener's certificate (listen_tls: auto): https://localhost:{port}/"
     print(
         f"""local CA certificate: {ca.cert_path}
   it signs names under {", ".join(ca.suffixes)} only (X.509 name constraints), until {expires}
   {ca.bundle_path}: the system's trusted CAs plus this one, for variables that replace the system list
-  its key, {ca.key_path}, is readable by you only; the files above hold certificates only
+  its key, {ca.key_path}, is readable by you only; the files above hold certificates only{listener}
 
 Trust it in each client (`eval "$(signing-proxy ca --env)"` exports the variables):
   curl               --cacert {cert}  or  CURL_CA_BUNDLE={bundle}

@@ -92,6 +92,8 @@ async def test_ca_env_is_all_clients_need(tmp_path: Path) -> None:
         config_file.write_text(yaml.safe_dump(config))
         code, exports = await run(sys.executable, "-m", "proxy", "ca", "--env", "--config", str(config_file))
         assert code == 0, exports
+        code, shown = await run(sys.executable, "-m", "proxy", "ca", "--config", str(config_file))
+        assert code == 0 and "127.0.0.0/8, ::1/128, localhost only" in shown and "listen_tls: auto" in shown
         env = dict(os.environ)
         for line in exports.splitlines():
             name, _, value = line.removeprefix("export ").partition("=")
@@ -192,6 +194,7 @@ async def test_the_listener_certificate_is_renewed_while_the_proxy_runs(
     async with SigV4Upstream(SECRETS) as upstream:
         server = await start_proxy(auto_config(upstream.url, tmp_path / "ca"))
         assert server.listener_certificate is not None and server.ca is not None
+        assert server.ca.suffixes == tuple(sorted(LOOPBACK))  # no forward hosts: the loopback names only
         cafile = str(server.ca.cert_path)
         first = await asyncio.to_thread(peer_certificate, server.port, cafile, "localhost")
         assert first == server.listener_certificate.certificate
