@@ -35,8 +35,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from websockets.asyncio.client import connect as ws_connect
 
 from proxy.ca import CertificateAuthority
+from proxy.config import parse_config
+from proxy.forward import ForwardProxy
 from proxy.server import ProxyServer
 from tests.conftest import TEST_KEY_ID, TEST_REGION, TEST_SECRET, TEST_SESSION_TOKEN, static_route
+from tests.signing.test_s3 import HOSTS as S3_HOSTS
 from tests.support.faults import first_response, settle, start_proxy_process
 from tests.support.sigv4_upstream import SigV4Upstream
 
@@ -683,3 +686,14 @@ async def test_a_forward_rules_ca_bundle_and_connect_to_https(start_proxy, test_
         assert refused.status == 502 and len(upstream.received) == 1
     finally:
         await upstream.close()
+
+
+S3_NAMES = [(host, scope) for host, scope in S3_HOSTS if scope is not None]
+
+
+@pytest.mark.parametrize(("host", "scope"), S3_NAMES, ids=[host for host, _ in S3_NAMES])
+def test_s3_hosts_get_the_service_and_region_a_route_gets(host: str, scope: tuple[str, str]) -> None:
+    """Forward mode reads S3 host names with the reverse routes' table (Object Lambda, FIPS, ... alike)."""
+    forward = parse_config({"forward": {"hosts": [{"host": host}]}}).forward
+    allowed = ForwardProxy(forward, None).allowed(host, 443)
+    assert allowed is not None and (allowed.route.service, allowed.route.resolved_region) == scope

@@ -18,7 +18,6 @@ import aiohttp
 import pytest
 
 from proxy.config import parse_config
-from proxy.forward import ForwardProxy
 from proxy.signing.services import s3_scope
 from tests.conftest import TEST_KEY_ID, TEST_REGION, TEST_SECRET, static_route
 from tests.support.rawhttp import raw_request
@@ -117,9 +116,6 @@ def test_s3_host_names_give_service_and_region(host, scope) -> None:
         route = parse_config({"routes": [{"upstream": f"https://{host}"}]}).routes[0]
         assert (route.service, route.resolved_region) == scope
         assert route.rules.s3_paths and route.payload_mode == "unsigned"  # S3 over https: unsigned by default
-        # Forward mode reads the same table: the host's own rule signs it alike.
-        allowed = ForwardProxy(parse_config({"forward": {"hosts": [{"host": host}]}}).forward, None).allowed(host, 443)
-        assert allowed is not None and (allowed.route.service, allowed.route.resolved_region) == scope
 
 
 def test_payload_defaults_and_refusals() -> None:
