@@ -124,13 +124,22 @@ def interleave(count: str) -> None:
     logs.setup_logging("info", "text", batched=True)
     other = logging.getLogger("signing_proxy.other")
 
+    half_written, warning_written = threading.Event(), threading.Event()
+
+    # The threads are made to overlap (half the access lines, then a warning, then both at once),
+    # so that the lines mix however the machine schedules them.
     def access_lines() -> None:
         for number in range(int(count)):
+            if number == int(count) // 2:
+                half_written.set()
+                warning_written.wait(10)
             logs.log_access(numbered(number), with_query_values=False)
 
     def warnings() -> None:
+        half_written.wait(10)
         for number in range(int(count)):
             other.warning("warning %d", number)
+            warning_written.set()
 
     for number in range(3):
         logs.log_access(numbered(number), with_query_values=False)
