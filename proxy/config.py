@@ -34,7 +34,7 @@ from pydantic import (
 )
 
 from . import awsenv
-from .hosts import HostPattern, parse_pattern
+from .hosts import HostPattern, aws_endpoint, parse_pattern
 from .http.egress import Egress, ProxyEnvironment, ProxyURL
 from .http.tls import tls_context
 from .signing import normalize_path, sigv4a
@@ -226,18 +226,9 @@ SourceConfig = Annotated[
 
 # ---------------------------------------------------------------- routes
 
-_AWS_HOST = re.compile(
-    r"\.(?:execute-api|lambda-url|es|aoss|sts|[a-z0-9-]+)\.([a-z]{2}(?:-gov)?-[a-z]+-\d)\.(?:on\.)?(?:amazonaws\.com|aws)$"
-)
-
-
 def region_from_host(host: str) -> str | None:
-    """The region in an AWS host name (``abc.execute-api.eu-west-1.amazonaws.com``, any S3 style)."""
-    s3 = s3_scope(host)
-    if s3 is not None:
-        return s3[1]
-    match = _AWS_HOST.search(host)
-    return match.group(1) if match else None
+    """The region in an AWS host name (``abc.execute-api.eu-west-1.amazonaws.com``, any S3 style, ...)."""
+    return aws_endpoint(host)[0]
 
 
 _ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#@\s]+")

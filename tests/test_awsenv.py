@@ -83,3 +83,19 @@ async def test_check_prints_where_each_route_region_came_from(tmp_path: Path) ->
     assert "trusts the system's CAs (or SSL_CERT_FILE)" in out
     code, _, err = await run_cli("check", "--config", str(config))
     assert code == 2 and "routes.0.region" in err
+
+
+@pytest.mark.parametrize(
+    ("upstream", "region"),
+    [
+        ("https://abc123.execute-api.eu-west-1.amazonaws.com/prod", "eu-west-1"),
+        ("https://xyz.lambda-url.us-east-2.on.aws", "us-east-2"),
+        ("https://search-logs-abc.eu-central-1.es.amazonaws.com", "eu-central-1"),  # OpenSearch: region first
+        ("https://sts.amazonaws.com", "us-east-1"),  # global endpoints sign for us-east-1
+        ("https://bucket.s3.ap-south-1.amazonaws.com", "ap-south-1"),
+    ],
+)
+def test_routes_read_the_region_from_every_aws_host_form_forward_mode_knows(upstream: str, region: str) -> None:
+    """One host table for routes and forward rules: a route needs no region: where a forward rule needs none."""
+    route = parse_config(custom_domain_route(upstream)).routes[0]
+    assert (route.resolved_region, route.region_source) == (region, "host name")
