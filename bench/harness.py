@@ -353,10 +353,11 @@ class Checkout:
     def env(self, cert: Path | None) -> dict[str, str]:
         # `python -m proxy` with this cwd imports this tree's proxy/ (cwd comes first on sys.path);
         # PYTHONPATH says the same to anything it spawns. The TLS upstream's certificate is trusted
-        # through OpenSSL's default verify paths, which SSL_CERT_FILE replaces.
+        # through OpenSSL's default verify paths, which SSL_CERT_FILE replaces, and AWS_CA_BUNDLE, which
+        # the proxy prefers to them (as the AWS CLI does) when the shell that runs the bench exports it.
         env = {**ENV, "PYTHONPATH": str(self.root)}
         if cert is not None:
-            env["SSL_CERT_FILE"] = str(cert)
+            env["SSL_CERT_FILE"] = env["AWS_CA_BUNDLE"] = str(cert)
         return env
 
 
