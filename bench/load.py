@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import ssl
 import subprocess
 import time
 from collections.abc import Awaitable, Callable
@@ -72,6 +73,19 @@ def post_script(directory: Path, size: int) -> Path:
     return script
 
 
+def paced_script(directory: Path, per_second: float) -> Path:
+    """A wrk Lua script: each connection sends about ``per_second`` requests a second (open loop).
+
+    wrk's ``delay()`` holds each request for a random 0.5-1.5 times the mean interval, so the
+    connections do not march in step; with the offered rate well below capacity nothing queues, and
+    the latencies are the proxy's, not the queue's (a closed loop's p99 is connections over throughput).
+    """
+    mean_ms = 1000 / per_second
+    script = directory / f"paced-{per_second:g}.lua"
+    script.write_text(f"function delay()\n  return math.random({mean_ms / 2:.0f}, {mean_ms * 1.5:.0f})\nend\n")
+    return script
+
+
 def wrk(url: str, seconds: int, connections: int, threads: int, script: Path | None = None) -> LoadResult:
     command = ["wrk", f"-t{min(threads, connections)}", f"-c{connections}", f"-d{seconds}s", "--latency"]
     command += ["--timeout", "10s", *(["-s", str(script)] if script else []), url]
@@ -109,6 +123,64 @@ def download(url: str, size: int) -> tuple[float, float]:
     if received != size:
         raise RuntimeError(f"{url}: {received} bytes received, {size} expected")
     return ttfb, total
+
+
+# ---------------------------------------------------------------- keep-alive GETs through CONNECT
+
+
+@dataclass
+class KeepAliveResult:
+    requests: int = 0
+    errors: int = 0
+    latencies_ms: list[float] = field(default_factory=list)
+
+
+async def _keepalive_connection(
+    port: int, path: str, tunnel: tuple[str, ssl.SSLContext] | None, until: float, result: KeepAliveResult
+) -> None:
+    """One client connection: ``CONNECT host:443`` and TLS first if ``tunnel``, then GETs until ``until``."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    host = f"127.0.0.1:{port}"
+    try:
+        if tunnel is not None:
+            host, context = tunnel
+            writer.write(f"CONNECT {host}:443 HTTP/1.1\r\nHost: {host}:443\r\n\r\n".encode())
+            head = await reader.readuntil(b"\r\n\r\n")
+            if not head.startswith(b"HTTP/1.1 200"):
+                raise RuntimeError(f"CONNECT refused: {head[:200]!r}")
+            await writer.start_tls(context, server_hostname=host)
+        request = f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+        while time.perf_counter() < until:
+            started = time.perf_counter()
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+            if length is None:
+                raise RuntimeError(f"no Content-Length: {head[:200]!r}")
+            await reader.readexactly(int(length.group(1)))
+            if head.startswith(b"HTTP/1.1 200"):
+                result.requests += 1
+                result.latencies_ms.append((time.perf_counter() - started) * 1000)
+            else:
+                result.errors += 1
+    except (OSError, asyncio.IncompleteReadError, RuntimeError):
+        result.errors += 1
+    finally:
+        writer.close()
+
+
+async def keepalive_gets(
+    port: int, path: str, connections: int, seconds: float, tunnel: tuple[str, ssl.SSLContext] | None = None
+) -> tuple[KeepAliveResult, float]:
+    """``connections`` keep-alive clients doing GETs for ``seconds`` (what wrk does, and CONNECT, which it cannot).
+
+    Returns the counts and the seconds they took (each tunnel's CONNECT and handshake included: a few ms).
+    """
+    result = KeepAliveResult()
+    started = time.perf_counter()
+    until = started + seconds
+    await asyncio.gather(*(_keepalive_connection(port, path, tunnel, until, result) for _ in range(connections)))
+    return result, time.perf_counter() - started
 
 
 # ---------------------------------------------------------------- server-sent events

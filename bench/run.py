@@ -26,6 +26,7 @@ import math
 import os
 import platform
 import shutil
+import ssl
 import statistics
 import sys
 import tempfile
@@ -56,7 +57,7 @@ from harness import (
     start_upstream,
     stop_process,
 )
-from load import download, hold_idle, percentile, post_script, sse_streams, wrk
+from load import download, hold_idle, keepalive_gets, paced_script, percentile, post_script, sse_streams, wrk
 
 MIB = 1 << 20
 
@@ -138,7 +139,9 @@ def fds_back(pids: dict[str, int], idle: dict[str, int], timeout: float) -> dict
     return back
 
 
-def measure_rates(bench: Bench, targets: dict[str, tuple[str, int]], connections: int, body_size: int = 0) -> dict:
+def measure_rates(
+    bench: Bench, targets: dict[str, tuple[str, int]], connections: int, body_size: int = 0, per_second: float = 0
+) -> dict:
     """wrk at each ``name: (url, pid)`` in interleaved slices; req/s, latency, CPU, memory, errors.
 
     p50/p99 are the request-weighted means of the slices' percentiles. With more than a hundred
@@ -155,7 +158,9 @@ def measure_rates(bench: Bench, targets: dict[str, tuple[str, int]], connections
             idle_fds[name] = steady_fds(pid)
     args = bench.args
     script = post_script(bench.workdir, body_size) if body_size else None
-    seconds = max(1, round(args.duration / args.slices))
+    if per_second:  # open loop: each connection paced, so a slice must hold several requests of each
+        script = paced_script(bench.workdir, per_second)
+    seconds = max(3 if per_second else 1, round(args.duration / args.slices))
     for url, _ in targets.values():
         wrk(url, 1, connections, args.threads, script)  # warm-up: pools filled, code paths loaded
     slices: dict[str, list] = {name: [] for name in targets}
@@ -203,6 +208,7 @@ def rate_shape(
     connections: int | None = None,
     body_size: int = 0,
     access_log: bool = False,
+    per_second: float = 0,
 ) -> Shape:
     """Direct, then each checkout's proxy (and this one's with its access log on, if asked), interleaved."""
     connections = connections or bench.args.connections
@@ -224,7 +230,7 @@ def rate_shape(
             stack.callback(logged.stop)
             targets["proxy, access log on"] = (logged.url + path, logged.pid)
         progress(f"{title}: {', '.join(targets)}, {bench.args.slices} interleaved slices each")
-        shape.rows = measure_rates(bench, targets, connections, body_size)
+        shape.rows = measure_rates(bench, targets, connections, body_size, per_second)
     if connections > 100:
         shape.columns = [*RATE_COLUMNS, ("fds", "descriptors: idle → after", "")]
     proxy = shape.rows["proxy"]
@@ -255,11 +261,25 @@ def shape_post(bench: Bench) -> Shape:
 
 
 def shape_conns(bench: Bench) -> Shape:
-    """Many concurrent keep-alive clients doing small GETs: errors, p99, descriptors back afterwards."""
-    count = bench.args.many
-    return rate_shape(
-        bench, f"{count:,} keep-alive connections, small GET", bench.upstream.url, "/get", connections=count
+    """Many concurrent keep-alive clients doing small GETs at a fixed offered rate: errors, p99, descriptors.
+
+    Open loop (each connection paced by wrk's ``delay()``), well below capacity: in a closed loop
+    (every connection sending again as soon as answered) p99 is only connections over throughput.
+    """
+    count, per_second = bench.args.many, bench.args.many_rate / bench.args.many
+    shape = rate_shape(
+        bench,
+        f"{count:,} keep-alive connections, {bench.args.many_rate:,} small GETs/s offered",
+        bench.upstream.url,
+        "/get",
+        connections=count,
+        per_second=per_second,
     )
+    shape.main, shape.unit = "p99_ms", "p99 ms"
+    shape.summary = shape.summary.replace(
+        f"p99 {shape.rows['proxy']['p99_ms']:.1f} ms", f"{shape.rows['proxy']['rps']:,.0f} req/s"
+    )
+    return shape
 
 
 def shape_stream(bench: Bench) -> Shape:
@@ -419,15 +439,77 @@ def shape_idle(bench: Bench) -> Shape:
     return shape
 
 
-def shape_forward(bench: Bench) -> Shape:
-    """Forward mode (issue 15): small GETs through CONNECT with the proxy's TLS termination, keep-alive
-    inside the tunnel; the target is 80 % of ``shape_get``'s proxy req/s.
+FORWARD_HOST = "abc123.execute-api.us-east-1.amazonaws.com"
 
-    To build once it lands: start the proxy in forward mode with its local CA in the client's trust,
-    drive a CONNECT-capable keep-alive load (wrk has no CONNECT) at ``bench.upstream.tls_url``, and
-    return a ``rate_shape``-like Shape with rows direct (the TLS upstream), proxy and baseline.
+
+def shape_forward(bench: Bench) -> Shape:
+    """Forward mode: small GETs through ``CONNECT`` with the proxy's TLS termination, keep-alive inside
+    the tunnel, beside reverse mode (plain HTTP to the proxy) and direct, all from the same client.
+
+    wrk has no CONNECT, so the client is ``load.keepalive_gets`` (Python, uvloop when installed): it
+    costs a core of its own, so its rates are lower than wrk's; the ratio forward / reverse is the
+    figure (target 0.8). One proxy serves both modes: a route for reverse, a forward rule whose
+    ``connect_to`` dials nginx. Baselines older than forward mode are not started here.
     """
-    raise NotImplementedError("forward mode (issue 15) is not in this checkout yet")
+    args, upstream = bench.args, bench.upstream
+    ca_dir = bench.workdir / "forward-ca"
+    extra = (
+        f"forward:\n  ca: {ca_dir}\n  hosts:\n"
+        f"    - {{host: '*.execute-api.*.amazonaws.com', credentials: bench, connect_to: '{upstream.url}'}}\n"
+    )
+    proxy = start_proxy(
+        bench.workdir, bench.checkouts[0], upstream, upstream.url, workers=args.workers, extra_config=extra
+    )
+    try:
+        context = ssl.create_default_context(cafile=str(ca_dir / "ca.pem"))
+        nginx_port = int(upstream.url.rsplit(":", 1)[1])
+        targets = {
+            "direct": (nginx_port, None, upstream.nginx.pid),
+            "proxy": (proxy.port, (FORWARD_HOST, context), proxy.pid),
+            "reverse mode, same proxy": (proxy.port, None, proxy.pid),
+        }
+        loop = uvloop_runner()
+        seconds = max(1, round(args.duration / args.slices))
+        for port, tunnel, _ in targets.values():  # warm-up: pools filled, certificates minted
+            loop(keepalive_gets(port, "/get", args.connections, 0.5, tunnel))
+        progress(f"forward mode: {', '.join(targets)}, {args.slices} interleaved slices each")
+        runs: dict[str, list] = {name: [] for name in targets}
+        for name in interleaved(list(targets), args.slices):
+            port, tunnel, pid = targets[name]
+            usage = Usage(pid).start()
+            runs[name].append((*loop(keepalive_gets(port, "/get", args.connections, seconds, tunnel)), usage.stop()))
+    finally:
+        proxy.stop()
+    shape = Shape(
+        "small GET through CONNECT + TLS (forward mode), one Python client",
+        "rps",
+        "req/s",
+        [col for col in RATE_COLUMNS if col[0] != "peak_mib"],
+        cpu="cpu_us",
+    )
+    for name, measured in runs.items():
+        requests = sum(result.requests for result, _, _ in measured)
+        latencies = [ms for result, _, _ in measured for ms in result.latencies_ms]
+        shape.rows[name] = {
+            "rps": requests / sum(elapsed for _, elapsed, _ in measured),
+            "p50_ms": percentile(latencies, 0.5),
+            "p99_ms": percentile(latencies, 0.99),
+            "cpu_us": sum(usage.cpu for _, _, usage in measured) / requests * 1e6 if requests else math.nan,
+            "errors": sum(result.errors for result, _, _ in measured),
+        }
+    forward_share = shape.ratio("proxy", "reverse mode, same proxy")
+    shape.notes.append(f"forward / reverse: {cell(forward_share, '.2f')} of req/s (target 0.80)")
+    shape.summary = f"{cell(forward_share, '.2f')}x reverse mode's req/s, {shape.rows['proxy']['errors']} errors"
+    return shape
+
+
+def uvloop_runner() -> Callable[[Any], Any]:
+    """``asyncio.run`` on uvloop when it is installed (a faster client), else the default loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run
+    return uvloop.run
 
 
 def shape_unsigned(bench: Bench) -> Shape:
@@ -452,7 +534,7 @@ SHAPES: dict[str, Callable[[Bench], Shape]] = {
     "forward": shape_forward,
     "unsigned": shape_unsigned,
 }
-DEFAULT_SHAPES = ("get", "tls", "post", "conns", "stream", "sse", "startup", "idle")
+DEFAULT_SHAPES = ("get", "tls", "post", "conns", "forward", "stream", "sse", "startup", "idle")
 
 
 # ---------------------------------------------------------------- the report
@@ -548,6 +630,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--connections", type=int, default=32, help="wrk connections (default 32)")
     parser.add_argument("--threads", type=int, default=2, help="wrk threads (default 2)")
     parser.add_argument("--many", type=int, default=1000, help="connections of the conns shape (default 1000)")
+    parser.add_argument("--many-rate", type=int, default=1000, help="requests/s the conns shape offers (1000)")
     parser.add_argument("--size", dest="size_bytes", type=parse_size, default="256MiB", help="stream size")
     parser.add_argument("--stream-rounds", type=int, default=3, help="downloads per target (default 3)")
     parser.add_argument("--sse-streams", type=int, default=200)
