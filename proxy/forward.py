@@ -17,12 +17,15 @@ absolute-form ``GET http://host/path``). ``ForwardProxy`` decides:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from .ca import CertificateAuthority
 from .config import Forward, ForwardRule, Route
 from .hosts import aws_endpoint, split_authority
 from .http.front import Refusal
 from .http.tunnel import Terminate, Tunnel
+
+if TYPE_CHECKING:
+    from .ca import CertificateAuthority  # cryptography: imported only when forward mode is on
 
 MAX_CACHED_ROUTES = 4096
 

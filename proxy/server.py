@@ -10,10 +10,10 @@ import signal
 import socket
 import ssl
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from .ca import CAError, CertificateAuthority, ListenerCertificate, scope
 from .config import Config, ConfigError, ListenTls
 from .cors import any_origin
 from .credentials import CredentialsUnavailable, Provider, build_providers
@@ -27,6 +27,9 @@ from .ops.admin import admin_app
 from .ops.logs import flush_periodically
 from .ops.metrics import Metrics
 from .websocket import Upgrades
+
+if TYPE_CHECKING:
+    from .ca import CertificateAuthority, ListenerCertificate
 
 log = logging.getLogger("signing_proxy")
 
@@ -98,8 +101,13 @@ class ProxyServer:
         again signs a new listener certificate at once (clients trust the new ``ca.pem``).
         """
         forward, loopback = config.forward, self._auto_tls
-        if (forward.hosts or loopback) and (self.ca is None or self.ca.suffixes != scope(forward.suffixes, loopback) or
-                                            self.ca.directory != CertificateAuthority.path(forward.ca)):  # fmt: skip
+        if not (forward.hosts or loopback):
+            return ForwardProxy(forward, None)
+        # Imported here: cryptography adds 10 MiB to every worker's resident memory, used or not.
+        from .ca import CAError, CertificateAuthority, scope
+
+        if (self.ca is None or self.ca.suffixes != scope(forward.suffixes, loopback) or
+                self.ca.directory != CertificateAuthority.path(forward.ca)):  # fmt: skip
             try:
                 self.ca = CertificateAuthority.open(forward.ca, forward.suffixes, loopback=loopback)
                 if loopback:

@@ -517,6 +517,27 @@ async def test_curl_through_the_proxy_process(sigv4_upstream, tmp_path) -> None:
     assert b"PRIVATE KEY" not in running.stderr
 
 
+def loaded_cryptography(pid: int) -> bool:
+    """Whether process ``pid`` has cryptography's compiled module mapped (it was imported)."""
+    return "cryptography" in Path(f"/proc/{pid}/maps").read_text()
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/PID/maps")
+async def test_cryptography_is_loaded_only_when_forward_mode_is_on(sigv4_upstream, tmp_path) -> None:
+    """The local CA's library costs 10 MiB per worker: a proxy without forward rules never loads it."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for config, expected in ((static_route(sigv4_upstream.url), False),
+                             (forward_config(sigv4_upstream.url, tmp_path / "ca"), True)):  # fmt: skip
+        running = await start_proxy_process(config, tmp_path, port)
+        try:
+            await first_response(port, b"GET /x HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+            assert loaded_cryptography(running.pid) is expected, config
+        finally:
+            assert await running.stop() == 0
+
+
 async def test_connect_is_logged_and_counted_refused_or_not(forward_proxy, caplog) -> None:
     caplog.set_level("INFO", logger="signing_proxy.access")
     _, writer = await tls_through_connect(forward_proxy.port, ca_file(forward_proxy))
