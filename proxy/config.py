@@ -481,8 +481,12 @@ class Route(_Frozen):
 
     @property
     def egress(self) -> Egress | None:
-        """How this route's connections are opened (TLS, forward proxy); set when the Config is validated."""
-        return self._egress
+        """How this route's connections are opened (TLS, forward proxy); set when the Config is validated.
+
+        Read from ``__pydantic_private__`` itself: ``self._egress`` goes through pydantic's
+        ``__getattr__`` (2 µs, an AttributeError raised and caught inside), and this is read per request.
+        """
+        return self.__pydantic_private__["_egress"]  # type: ignore[index]
 
 
 # ---------------------------------------------------------------- forward proxy
