@@ -131,10 +131,13 @@ class Front:
         self.lingering: set[LingeringClose] = set()  # connections closing after an early answer
         self.stopping = False
         self._sweeper: asyncio.Task[None] | None = None
+        # Set by the first connection: on Python 3.11 each get_running_loop() is a getpid() system call.
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     def __call__(self) -> Connection:
         if self._sweeper is None:
-            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+            self.loop = asyncio.get_running_loop()
+            self._sweeper = self.loop.create_task(self._sweep())
         return Connection(self)
 
     async def _sweep(self) -> None:
@@ -320,7 +323,7 @@ class Request:
             if self.expect_continue:
                 self.expect_continue = False
                 self.connection.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            loop = asyncio.get_running_loop()
+            loop = self.connection.loop
             self._body_waiter = loop.create_future()
             self.connection.deadline = loop.time() + self.connection.front.header_timeout  # a stalled upload: 408
             try:
@@ -494,10 +497,13 @@ class Response:
 class Connection(asyncio.Protocol):
     """One client connection: requests in, one at a time (pipelined ones wait their turn)."""
 
-    __slots__ = ("buffer", "deadline", "drain_waiter", "front", "request", "searched", "task", "transport", "tunnel")
+    __slots__ = (
+        "buffer", "deadline", "drain_waiter", "front", "loop", "request", "searched", "task", "transport", "tunnel"
+    )  # fmt: skip
 
     def __init__(self, front: Front) -> None:
         self.front = front
+        self.loop: asyncio.AbstractEventLoop = front.loop or asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.buffer: bytes | bytearray = b""  # bytes of the next request (its head, or more)
         self.searched = 0  # where in ``buffer`` the end of the head may start (searched up to there)
@@ -520,7 +526,7 @@ class Connection(asyncio.Protocol):
             if request.body_pending:
                 data = request.feed(data)
             if request._body_waiter is not None:
-                self.deadline = asyncio.get_running_loop().time() + self.front.header_timeout
+                self.deadline = self.loop.time() + self.front.header_timeout
             if data:
                 self.buffer += data
                 self._update_reading()  # a pipelined request waits its turn, in at most MAX_HEAD bytes
@@ -549,7 +555,7 @@ class Connection(asyncio.Protocol):
     def pause_writing(self) -> None:
         """The client reads slower than we answer: stop reading its requests until it catches up."""
         if self.drain_waiter is None:
-            self.drain_waiter = asyncio.get_running_loop().create_future()
+            self.drain_waiter = self.loop.create_future()
         self._update_reading()
 
     def resume_writing(self) -> None:
@@ -577,7 +583,7 @@ class Connection(asyncio.Protocol):
     # ------------------------------------------------------------ requests
 
     def _wait_for_head(self) -> None:
-        self.deadline = asyncio.get_running_loop().time() + self.front.header_timeout
+        self.deadline = self.loop.time() + self.front.header_timeout
 
     def _next_request(self) -> None:
         buffer = self.buffer
@@ -615,7 +621,7 @@ class Connection(asyncio.Protocol):
         if request.body_pending and self.buffer:
             rest, self.buffer = self.buffer, b""
             self.buffer = request.feed(rest)
-        self.task = asyncio.get_running_loop().create_task(self.front.handler(request))
+        self.task = self.loop.create_task(self.front.handler(request))
 
     def _parse_head(self, head: bytes) -> Request:
         request_line, _, fields = head.partition(b"\r\n")

@@ -117,6 +117,8 @@ class _Connection(asyncio.Protocol):
         self.head = bytearray()
         self.idle_handle: asyncio.TimerHandle | None = None
         self.drain_waiter: asyncio.Future[None] | None = None  # set while the socket's send buffer is full
+        # Looked up once: on Python 3.11 each get_running_loop() is a getpid() system call.
+        self.loop = asyncio.get_running_loop()
 
     # ------------------------------------------------------------ asyncio callbacks
 
@@ -219,7 +221,7 @@ class UpstreamResponse:
         self.interim = 0  # 1xx answers skipped so far
         self.codings: tuple[str, ...] = ()  # transfer codings besides chunked, relayed as they are
         self.idle_timeout: float | None = None  # the longest wait for more body bytes
-        self._head_waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._head_waiter: asyncio.Future[None] = connection.loop.create_future()
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
         self._body_waiter: asyncio.Future[None] | None = None
@@ -463,8 +465,7 @@ class Pool:
 
     def park(self, connection: _Connection) -> None:
         self._idle.setdefault(connection.key, []).append(connection)
-        loop = asyncio.get_running_loop()
-        connection.idle_handle = loop.call_later(IDLE_KEEP, connection._abort)
+        connection.idle_handle = connection.loop.call_later(IDLE_KEEP, connection._abort)
 
     def forget(self, connection: _Connection) -> None:
         self._all.discard(connection)
@@ -560,7 +561,7 @@ class Pool:
                 transport.write(message)
             else:
                 transport.writelines((head, *body))
-            timer = asyncio.get_running_loop().call_later(first_byte_timeout, response.time_out, first_byte_timeout)
+            timer = connection.loop.call_later(first_byte_timeout, response.time_out, first_byte_timeout)
             try:
                 await response.wait_head()
                 return response
