@@ -8,21 +8,25 @@ report) from rotting while proxy/ changes under it.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import certifi
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.skipif(not all(map(shutil.which, ("wrk", "nginx", "openssl"))), reason="wrk, nginx and openssl needed")
-def test_bench_runs_a_tls_shape_against_a_baseline() -> None:
-    command = [sys.executable, "bench/run.py", "--shapes", "tls", "--duration", "1", "--slices", "1"]
+def test_bench_runs_the_tls_and_forward_shapes_against_a_baseline() -> None:
+    command = [sys.executable, "bench/run.py", "--shapes", "tls,forward", "--duration", "1", "--slices", "1"]
+    # A shell that exports AWS_CA_BUNDLE (to the public CAs) must not keep the proxies from trusting nginx.
+    env = {**os.environ, "AWS_CA_BUNDLE": certifi.where()}
     result = subprocess.run(
-        [*command, "--baseline", str(ROOT), "--json"], cwd=ROOT, capture_output=True, text=True, timeout=120
+        [*command, "--baseline", str(ROOT), "--json"], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env
     )
     assert result.returncode == 0, result.stderr[-3000:]
     markdown, _, document = result.stdout.partition("\n{")
@@ -31,3 +35,7 @@ def test_bench_runs_a_tls_shape_against_a_baseline() -> None:
     for row in shape["rows"].values():
         assert row["errors"] == 0 and row["rps"] > 0  # the proxies trusted the upstream's certificate
     assert "| small GET, TLS upstream | req/s |" in markdown
+    forward = json.loads("{" + document)["shapes"][1]  # CONNECT, TLS with the local CA, GETs inside
+    assert set(forward["rows"]) == {"direct", "proxy", "reverse mode, same proxy"}
+    for row in forward["rows"].values():
+        assert row["errors"] == 0 and row["rps"] > 0
