@@ -361,11 +361,13 @@ class Checkout:
         return env
 
 
-def proxy_config(port: int, upstream_url: str, log_level: str, workers: int | None, extra: str = "") -> str:
+def proxy_config(
+    port: int, upstream_url: str, log_level: str, workers: int | None, extra: str = "", route: str = ""
+) -> str:
     text = (
         f"listen: 127.0.0.1:{port}\nlog_level: {log_level}\nshutdown_grace: 2s\n"
         "credentials:\n  bench: {type: static, access_key_id: AKIDBENCHMARK0000000, secret_access_key: bench-secret}\n"
-        f"routes:\n  - {{path_prefix: /, upstream: '{upstream_url}', region: us-east-1, credentials: bench}}\n"
+        f"routes:\n  - {{path_prefix: /, upstream: '{upstream_url}', region: us-east-1, credentials: bench{route}}}\n"
     )
     return text + (f"workers: {workers}\n" if workers else "") + extra
 
@@ -422,15 +424,17 @@ def start_proxy(
     workers: int | None = None,
     ready_path: str = "/get",
     extra_config: str = "",
+    route_options: str = "",
 ) -> Proxy:
     """``python -m proxy run --config FILE`` from ``checkout``, once it answered ``ready_path`` with 200.
 
-    ``extra_config`` is YAML appended to its config (top-level keys). With ``log_level: info`` its
+    ``extra_config`` is YAML appended to its config (top-level keys), ``route_options`` to its route's
+    flow mapping (", payload: unsigned"). With ``log_level: info`` its
     stderr (the access log) goes to /dev/null, else to a file shown on failure.
     """
     port = free_port()
     config = workdir / f"{checkout.label}-{port}.yaml"
-    config.write_text(proxy_config(port, upstream_url, log_level, workers, extra_config))
+    config.write_text(proxy_config(port, upstream_url, log_level, workers, extra_config, route_options))
     stderr_path = None if log_level in ("info", "debug") else config.with_suffix(".stderr")
     stderr = stderr_path.open("wb") if stderr_path else subprocess.DEVNULL
     spawned = time.monotonic()

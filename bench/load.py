@@ -125,6 +125,33 @@ def download(url: str, size: int) -> tuple[float, float]:
     return ttfb, total
 
 
+async def _upload(url: str, size: int) -> tuple[float, bytes]:
+    parts = urlsplit(url)
+    piece = memoryview(bytes(1 << 20))
+    started = time.perf_counter()
+    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+    head = f"PUT {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Length: {size}\r\nConnection: close\r\n\r\n"
+    writer.write(head.encode())
+    left = size
+    while left:
+        writer.write(piece[: min(left, len(piece))])
+        left -= min(left, len(piece))
+        await writer.drain()
+    answer = await reader.read()
+    seconds = time.perf_counter() - started
+    writer.close()
+    return seconds, answer
+
+
+def upload(url: str, size: int) -> float:
+    """Seconds to PUT ``size`` bytes on a fresh connection and read the answer (bench/upstream.py's
+    /sink), checked whole."""
+    seconds, answer = asyncio.run(asyncio.wait_for(_upload(url, size), 30 + size / 20e6))
+    if not answer.startswith(b"HTTP/1.1 200") or f'"received": {size}'.encode() not in answer:
+        raise RuntimeError(f"{url}: upload of {size} bytes answered {answer[:300]!r}")
+    return seconds
+
+
 # ---------------------------------------------------------------- keep-alive GETs through CONNECT
 
 

@@ -57,7 +57,7 @@ from harness import (
     start_upstream,
     stop_process,
 )
-from load import download, hold_idle, keepalive_gets, paced_script, percentile, post_script, sse_streams, wrk
+from load import download, hold_idle, keepalive_gets, paced_script, percentile, post_script, sse_streams, upload, wrk
 
 MIB = 1 << 20
 
@@ -513,13 +513,45 @@ def uvloop_runner() -> Callable[[Any], Any]:
 
 
 def shape_unsigned(bench: Bench) -> Shape:
-    """``payload: unsigned`` uploads (issue 17): MB/s and flat memory for large POSTs (target 600 MB/s).
+    """Large ``payload: unsigned`` uploads (PUT, streamed upstream unhashed): MB/s and peak memory.
 
-    To build once it lands: a route option ``payload: unsigned`` in ``harness.proxy_config``, an nginx
-    location that reads large bodies (as ``/post`` does, with a larger ``client_max_body_size``), and
-    ``rate_shape`` with ``body_size`` of tens of MiB and few connections, reported in MB/s.
+    The upstream is bench/upstream.py's ``/sink`` (aiohttp, reads and drops the body); the client
+    sends from one 1 MiB buffer. Baselines older than payload modes are not started here.
     """
-    raise NotImplementedError("payload modes (issue 17) are not in this checkout yet")
+    args, upstream = bench.args, bench.upstream
+    size = args.upload_size
+    shape = Shape(
+        f"{size / MIB:g} MiB upload, payload: unsigned",
+        "mb_s",
+        "MB/s",
+        [("mb_s", "MB/s", ",.0f"), ("cpu_s_gib", "CPU s/GiB", ".2f"), ("peak_mib", "peak MiB", ".1f")],
+        cpu="cpu_s_gib",
+    )
+    proxy = start_proxy(
+        bench.workdir, bench.checkouts[0], upstream, upstream.app_url, workers=args.workers,
+        route_options=", payload: unsigned",
+    )  # fmt: skip
+    try:
+        targets = {"direct": (upstream.app_url, upstream.app.pid), "proxy": (proxy.url, proxy.pid)}
+        for url, _ in targets.values():
+            upload(url + "/sink", MIB)  # warm-up
+        progress(f"{shape.title}: {', '.join(targets)}, {args.stream_rounds} rounds")
+        runs: dict[str, list] = {name: [] for name in targets}
+        for name in interleaved(list(targets), args.stream_rounds):
+            url, pid = targets[name]
+            usage = Usage(pid).start()
+            seconds = upload(url + "/sink", size)
+            runs[name].append((seconds, usage.stop()))
+    finally:
+        proxy.stop()
+    for name, measured in runs.items():
+        shape.rows[name] = {
+            "mb_s": statistics.median(size / 1e6 / seconds for seconds, _ in measured),
+            "cpu_s_gib": statistics.median(usage.cpu / (size / 2**30) for _, usage in measured),
+            "peak_mib": max(usage.peak_mib for _, usage in measured),
+        }
+    shape.summary = f"peak {shape.rows['proxy']['peak_mib']:.0f} MiB"
+    return shape
 
 
 SHAPES: dict[str, Callable[[Bench], Shape]] = {
@@ -534,7 +566,7 @@ SHAPES: dict[str, Callable[[Bench], Shape]] = {
     "forward": shape_forward,
     "unsigned": shape_unsigned,
 }
-DEFAULT_SHAPES = ("get", "tls", "post", "conns", "forward", "stream", "sse", "startup", "idle")
+DEFAULT_SHAPES = ("get", "tls", "post", "conns", "forward", "stream", "unsigned", "sse", "startup", "idle")
 
 
 # ---------------------------------------------------------------- the report
@@ -632,6 +664,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--many", type=int, default=1000, help="connections of the conns shape (default 1000)")
     parser.add_argument("--many-rate", type=int, default=1000, help="requests/s the conns shape offers (1000)")
     parser.add_argument("--size", dest="size_bytes", type=parse_size, default="256MiB", help="stream size")
+    parser.add_argument("--upload-size", type=parse_size, default="256MiB", help="unsigned upload size")
     parser.add_argument("--stream-rounds", type=int, default=3, help="downloads per target (default 3)")
     parser.add_argument("--sse-streams", type=int, default=200)
     parser.add_argument("--sse-seconds", type=float, default=5.0)

@@ -47,11 +47,20 @@ async def small(request: web.Request) -> web.Response:
     return web.json_response({"ok": True})
 
 
+async def sink(request: web.Request) -> web.Response:
+    """Reads an upload to its end, keeping nothing: how many bytes arrived."""
+    received = 0
+    async for chunk in request.content.iter_any():
+        received += len(chunk)
+    return web.json_response({"received": received})
+
+
 def main(port: int) -> None:
     app = web.Application()
     app.router.add_get("/sse", sse)
     app.router.add_get("/ws", echo)
     app.router.add_get("/get", small)
+    app.router.add_put("/sink", sink)
     try:
         import uvloop
 

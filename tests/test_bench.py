@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.mark.skipif(not all(map(shutil.which, ("wrk", "nginx", "openssl"))), reason="wrk, nginx and openssl needed")
 def test_bench_runs_the_tls_and_forward_shapes_against_a_baseline() -> None:
-    command = [sys.executable, "bench/run.py", "--shapes", "tls,forward", "--duration", "1", "--slices", "1"]
+    command = [sys.executable, "bench/run.py", "--shapes", "tls,forward,unsigned", "--duration", "1", "--slices", "1"]
+    command += ["--upload-size", "4MiB", "--stream-rounds", "1"]
     # A shell that exports AWS_CA_BUNDLE (to the public CAs) must not keep the proxies from trusting nginx.
     env = {**os.environ, "AWS_CA_BUNDLE": certifi.where()}
     result = subprocess.run(
@@ -39,3 +40,5 @@ def test_bench_runs_the_tls_and_forward_shapes_against_a_baseline() -> None:
     assert set(forward["rows"]) == {"direct", "proxy", "reverse mode, same proxy"}
     for row in forward["rows"].values():
         assert row["errors"] == 0 and row["rps"] > 0
+    uploaded = json.loads("{" + document)["shapes"][2]  # checked whole by the client, else the bench fails
+    assert set(uploaded["rows"]) == {"direct", "proxy"} and uploaded["rows"]["proxy"]["mb_s"] > 0
