@@ -47,10 +47,14 @@ def costs(collapsed: str) -> tuple[Counter[str], Counter[str], int]:
     return own, total, sum(own.values())
 
 
+# The venv's own py-spy (the ``bench`` extra) when the venv is not on PATH, as with .venv/bin/python.
+PY_SPY = str(Path(sys.executable).parent / "py-spy") if (Path(sys.executable).parent / "py-spy").exists() else "py-spy"
+
+
 def record(pid: int, seconds: int, rate: int, form: str, output: Path) -> None:
     subprocess.run(
         [
-            "py-spy",
+            PY_SPY,
             "record",
             "--pid",
             str(pid),
@@ -78,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=BENCH / "flame-small-get.svg")
     args = parser.parse_args(argv)
     require_tools()
-    if not shutil.which("py-spy"):
+    if not shutil.which(PY_SPY):
         sys.exit("bench/flame.py needs py-spy: pip install py-spy")
     workdir = Path(tempfile.mkdtemp(prefix="signing-proxy-flame-"))
     try:
