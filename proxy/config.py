@@ -226,6 +226,7 @@ SourceConfig = Annotated[
 
 # ---------------------------------------------------------------- routes
 
+
 def region_from_host(host: str) -> str | None:
     """The region in an AWS host name (``abc.execute-api.eu-west-1.amazonaws.com``, any S3 style, ...)."""
     return aws_endpoint(host)[0]
