@@ -509,6 +509,16 @@ class ForwardRule(_Frozen):
     def pattern(self) -> HostPattern:
         return parse_pattern(self.host)
 
+    def __repr_args__(self) -> Any:
+        """The rule's keys as a route would show them: secrets (api_key, egress_proxy, ...) left out.
+
+        Route keys are pydantic extras here, and extras would otherwise print whatever a route hides.
+        """
+        for name, value in super().__repr_args__():
+            field_info = Route.model_fields.get(name)
+            if field_info is None or field_info.repr:
+                yield name, value
+
     @cached_property
     def route_keys(self) -> dict[str, Any]:
         return dict(self.model_extra or {})

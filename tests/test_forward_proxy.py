@@ -718,3 +718,24 @@ def test_s3_hosts_get_the_service_and_region_a_route_gets(host: str, scope: tupl
     forward = parse_config({"forward": {"hosts": [{"host": host}]}}).forward
     allowed = ForwardProxy(forward, None).allowed(host, 443)
     assert allowed is not None and (allowed.route.service, allowed.route.resolved_region) == scope
+
+
+def test_a_forward_rule_repr_hides_what_a_route_hides() -> None:
+    """Route keys on a rule are pydantic extras, which repr would print: the secrets among them are left out."""
+    config = parse_config(
+        {
+            "forward": {
+                "hosts": [
+                    {
+                        "host": "*.execute-api.*.amazonaws.com",
+                        "egress_proxy": "http://u:EGRESS-SECRET@127.0.0.1:3128",
+                        "api_key": "API-KEY-SECRET",
+                        "timeout": "5s",
+                    }
+                ]
+            }
+        }
+    )
+    shown = repr(config)
+    assert "EGRESS-SECRET" not in shown and "API-KEY-SECRET" not in shown
+    assert "timeout='5s'" in repr(config.forward.hosts[0])  # what is not secret still shows

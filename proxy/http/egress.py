@@ -81,6 +81,12 @@ class ProxyURL:
             raise ValueError(
                 f"expected an http:// proxy URL, got {shown!r} (HTTPS and SOCKS proxies are not supported)"
             )
+        if parts.path not in ("", "/") or parts.query or parts.fragment or "#" in text:
+            # Not shown: what looks like a path may be the rest of a password with a '/', '?' or '#' in it.
+            raise ValueError(
+                "expected http://[user:password@]host[:port] with nothing after the port "
+                "(percent-encode '/', '?', '#' and '@' in a user name or password)"
+            )
         if not parts.hostname or port == 0:
             raise ValueError(f"expected http://[user:password@]host[:port], got {shown!r}")
         authorization = None

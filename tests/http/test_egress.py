@@ -64,3 +64,19 @@ def test_unusable_proxy_urls_are_named_without_the_password(url: str) -> None:
     with pytest.raises(ValueError, match=r"^HTTPS_PROXY: expected") as raised:
         ProxyEnvironment.read({"HTTPS_PROXY": url})
     assert "hidden" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "url", ["http://alice:9876/Xy@proxy.corp:3128", "http://alice:pw?x@proxy.corp:3128", "http://a:b#c@proxy:3128"]
+)
+def test_a_password_with_an_unencoded_delimiter_is_refused_without_showing_any_of_it(url: str) -> None:
+    """urlsplit ends the address at the '/', '?' or '#': the rest of the password would pass for a port or path."""
+    with pytest.raises(ValueError, match="percent-encode") as refused:
+        ProxyURL.parse(url)
+    assert not any(part in str(refused.value) for part in ("9876", "Xy", "pw", "alice", "#c"))
+
+
+def test_a_trailing_slash_and_an_encoded_password_are_fine() -> None:
+    assert str(ProxyURL.parse("http://proxy.corp:3128/")) == "http://proxy.corp:3128"
+    encoded = ProxyURL.parse("http://alice:p%2Fw%40rd@proxy.corp:3128")
+    assert encoded.authorization == "Basic " + base64.b64encode(b"alice:p/w@rd").decode()
