@@ -316,20 +316,10 @@ class Request:
         if self._backlog:
             self._backlog = 0
             self.connection._update_reading()
-        if self._body_size > limit or (self._remaining is not None and self._body_size + self._remaining > limit):
-            self._body_error = BodyTooLarge()  # the connection closes after the 413
-            raise self._body_error
+        self._refuse_over(limit)
         if self._body_error is None:
-            if self.expect_continue:
-                self.expect_continue = False
-                self.connection.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            loop = self.connection.loop
-            self._body_waiter = loop.create_future()
-            self.connection.deadline = loop.time() + self.connection.front.header_timeout  # a stalled upload: 408
-            try:
-                await self._body_waiter
-            finally:
-                self.connection.deadline = None
+            self._invite_body()
+            await self._more_body()
         if self._body_error is not _BODY_READ:
             raise self._body_error  # type: ignore[misc]
         if self._body_size > limit:  # a chunked body under the front's bound, over this request's
@@ -349,15 +339,8 @@ class Request:
             return
         self._streaming = True
         self._limit = float("inf") if limit is None else limit
-        if self._body_size > self._limit or (
-            self._remaining is not None and self._body_size + self._remaining > self._limit
-        ):
-            self._body_error = BodyTooLarge()  # the connection closes after the 413
-            raise self._body_error
-        if self.expect_continue:
-            self.expect_continue = False
-            self.connection.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        loop = asyncio.get_running_loop()
+        self._refuse_over(self._limit)
+        self._invite_body()
         while True:
             if self._body_parts:
                 parts, self._body_parts, self._backlog = self._body_parts, [], 0
@@ -369,13 +352,30 @@ class Request:
                 return
             if self._body_error is not None:
                 raise self._body_error
-            self._body_waiter = loop.create_future()
-            self.connection.deadline = loop.time() + self.connection.front.header_timeout  # a stalled upload: 408
-            try:
-                await self._body_waiter
-            finally:
-                self._body_waiter = None
-                self.connection.deadline = None
+            await self._more_body()
+
+    def _refuse_over(self, limit: float) -> None:
+        """``BodyTooLarge`` once what arrived, or what Content-Length announces, is over ``limit``."""
+        if self._body_size > limit or (self._remaining is not None and self._body_size + self._remaining > limit):
+            self._body_error = BodyTooLarge()  # the connection closes after the 413
+            raise self._body_error
+
+    def _invite_body(self) -> None:
+        """``100 Continue``, once, for a client that waits for it before sending the body."""
+        if self.expect_continue:
+            self.expect_continue = False
+            self.connection.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    async def _more_body(self) -> None:
+        """Wait for more of the body, its end or its failure; a pause over ``header_timeout`` is a 408."""
+        loop = self.connection.loop
+        self._body_waiter = loop.create_future()
+        self.connection.deadline = loop.time() + self.connection.front.header_timeout
+        try:
+            await self._body_waiter
+        finally:
+            self._body_waiter = None
+            self.connection.deadline = None
 
     # ------------------------------------------------------------ the answer
 
