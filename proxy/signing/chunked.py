@@ -14,8 +14,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 
+from . import EMPTY_SHA256
+
 CHUNK_SIZE = 64 * 1024
-_EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 _SIGNATURE_LENGTH = 64
 
 
@@ -27,7 +28,7 @@ def chunk_string_to_sign(amz_date: str, scope: str, previous_signature: str, dat
             amz_date,
             scope,
             previous_signature,
-            _EMPTY_SHA256,
+            EMPTY_SHA256,
             hashlib.sha256(data).hexdigest(),
         )
     )
