@@ -263,7 +263,7 @@ class Forwarder:
                 request_method,
                 match.upstream_path,
                 credentials.key_prefix,
-                redact_canonical(signature.canonical_request),
+                signing.redact_canonical(signature.canonical_request),
                 signature.string_to_sign,
             )
         return f"{route.credentials} {credentials.key_prefix}"
@@ -613,11 +613,3 @@ def request_target(raw_target: str) -> str | None:
     except UnicodeEncodeError:  # lone surrogates: bytes that were not UTF-8
         return None
     return target
-
-
-def redact_canonical(canonical_request: str) -> str:
-    """The canonical request with the session token value hidden (it is a secret)."""
-    lines = canonical_request.split("\n")
-    return "\n".join(
-        "x-amz-security-token:<redacted>" if line.startswith("x-amz-security-token:") else line for line in lines
-    )

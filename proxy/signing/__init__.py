@@ -200,6 +200,14 @@ def canonical_request(req: SigningRequest) -> tuple[str, str]:
     return text, signed_headers
 
 
+def redact_canonical(canonical_request: str) -> str:
+    """The canonical request with the session token's value hidden (it is a secret), for logs."""
+    return "\n".join(
+        "x-amz-security-token:<redacted>" if line.startswith("x-amz-security-token:") else line
+        for line in canonical_request.split("\n")
+    )
+
+
 def credential_scope(datestamp: str, region: str, service: str) -> str:
     return f"{datestamp}/{region}/{service}/aws4_request"
 

@@ -23,6 +23,8 @@ import json
 import re
 from dataclasses import dataclass
 
+from . import redact_canonical
+
 _MISMATCH = re.compile(
     r"signature we calculated does not match|SignatureDoesNotMatch|should be scoped to|signature expired|"
     r"too skewed|RequestTimeTooSkewed|RequestExpired|AuthorizationHeaderMalformed",
@@ -65,14 +67,6 @@ def expected_by_aws(body: bytes) -> tuple[str | None, str | None, str]:
     return canonical, to_sign, html.unescape(xml_message.group(1)) if xml_message else text[:200]
 
 
-def redact(canonical_request: str) -> str:
-    """The canonical request with the session token's value hidden."""
-    return "\n".join(
-        "x-amz-security-token:<redacted>" if line.startswith("x-amz-security-token:") else line
-        for line in canonical_request.split("\n")
-    )
-
-
 def explain(our_canonical: str, our_string_to_sign: str, body: bytes) -> Explanation:
     """The likely cause of a refused signature and the line-by-line diff, from AWS's answer ``body``."""
     canonical, to_sign, message = expected_by_aws(body)
@@ -94,7 +88,7 @@ def explain(our_canonical: str, our_string_to_sign: str, body: bytes) -> Explana
         return Explanation(f"region or service in the scope: AWS says {said}; set the route's region or service", "")
     if canonical is None:
         return Explanation(f"AWS did not say what it expected ({message[:120]!r})", "")
-    ours, theirs = redact(our_canonical), redact(canonical)
+    ours, theirs = redact_canonical(our_canonical), redact_canonical(canonical)
     if ours == theirs:
         return Explanation(
             "identical canonical requests: the secret key is wrong for this access key id, "
