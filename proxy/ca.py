@@ -42,6 +42,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from .files import replace_file
+
 log = logging.getLogger("signing_proxy.ca")
 
 CA_CERT, CA_KEY, BUNDLE = "ca.pem", "ca-key.pem", "bundle.pem"
@@ -357,8 +359,8 @@ def _write(path: Path, certificate: x509.Certificate, key: ec.EllipticCurvePriva
     key_pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    _replace(path / CA_KEY, key_pem, 0o600)
-    _replace(path / CA_CERT, certificate.public_bytes(serialization.Encoding.PEM), 0o644)
+    replace_file(path / CA_KEY, key_pem, 0o600)
+    replace_file(path / CA_CERT, certificate.public_bytes(serialization.Encoding.PEM), 0o644)
 
 
 def _write_bundle(path: Path, certificate: x509.Certificate) -> None:
@@ -375,20 +377,7 @@ def _write_bundle(path: Path, certificate: x509.Certificate) -> None:
     with contextlib.suppress(OSError):
         if bundle.read_bytes() == content:
             return
-    _replace(bundle, content, 0o644)
-
-
-def _replace(target: Path, content: bytes, mode: int) -> None:
-    descriptor, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")  # created 0600
-    try:
-        with os.fdopen(descriptor, "wb") as file:
-            file.write(content)
-        os.chmod(temporary, mode)
-        os.replace(temporary, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
+    replace_file(bundle, content, 0o644)
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "proxy"
 # Bottom to top. A module may import its own unit (the same subpackage or module) and units of lower
 # layers only. ``http`` is an HTTP/1.1 library that happens to live here; ``signing`` is pure.
 LAYERS: list[set[str]] = [
-    {"proxy.signing", "proxy.http", "proxy.awsenv"},
+    {"proxy.signing", "proxy.http", "proxy.awsenv", "proxy.files"},
     {"proxy.hosts"},  # reads S3 host names with signing's table
     {"proxy.config", "proxy.ca", "proxy.ops.logs", "proxy.ops.workers", "proxy.demo"},
     {"proxy.credentials", "proxy.routing", "proxy.forward", "proxy.ops.metrics", "proxy.cors", "proxy.payload"},
@@ -32,8 +32,9 @@ FORBIDDEN_PREFIXES = {
     "proxy.http": ("proxy.",),  # beyond proxy.http itself
     "proxy.signing": ("proxy.",),
     "proxy.awsenv": ("proxy.",),
+    "proxy.files": ("proxy.",),
     "proxy.hosts": ("proxy.http", "proxy.awsenv"),  # pure: signing's tables only
-    "proxy.ca": ("proxy.",),
+    "proxy.ca": ("proxy.http", "proxy.signing", "proxy.awsenv"),  # standalone but for files.replace_file
     "proxy.credentials": ("proxy.http", "proxy.forwarding"),
 }
 

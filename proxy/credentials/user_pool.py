@@ -24,7 +24,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import CognitoSource
+from ..files import replace_file
 from . import srp
 from .aws import aws_client, call_aws
 from .base import CredentialsUnavailable, run_blocking
@@ -223,17 +223,7 @@ def write_private(path: Path, text: str) -> None:
     if not directory.exists():
         directory.mkdir(parents=True, mode=0o700)
         os.chmod(directory, 0o700)  # mkdir's mode is filtered by the umask
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".token-", suffix=".tmp")  # created 0600
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.chmod(temporary, 0o600)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    replace_file(path, text.encode("utf-8"), 0o600)
 
 
 # ---------------------------------------------------------------- the user pool
