@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=400, help="GETs before counting (default 400)")
     parser.add_argument("--connections", type=int, default=8, help="keep-alive connections (default 8)")
     parser.add_argument("--baseline", type=Path, help="another checkout to count the same way")
+    parser.add_argument("--keep", type=Path, help="write the callgrind dumps here (kept) instead of a temporary directory")
     parser.add_argument("--top", type=int, default=0, help="also list this many functions per checkout")
     args = parser.parse_args(argv)
     require_tools()
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.baseline:
         checkouts.append(Checkout("baseline", args.baseline.resolve()))
     with tempfile.TemporaryDirectory(prefix="bench-instructions-") as temporary:
-        workdir = Path(temporary)
+        workdir = args.keep or Path(temporary)
         upstream = start_upstream(workdir)
         try:
             figures = {}
