@@ -64,7 +64,7 @@ def count(checkout: Checkout, upstream_url: str, cert: Path, workdir: Path, args
     """Instructions per request of ``checkout``'s proxy (and the callgrind dump, for ``--top``)."""
     port = free_port()
     config = workdir / f"{checkout.label}.yaml"
-    config.write_text(proxy_config(port, upstream_url, "warning", 1))
+    config.write_text(proxy_config(port, upstream_url, "warning", 1, route=args.route_options))
     dump = workdir / f"{checkout.label}.callgrind"
     command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={dump}", "--dump-instr=no"]
     command += [sys.executable, "-m", "proxy", "run", "--config", str(config)]
@@ -111,7 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=400, help="GETs before counting (default 400)")
     parser.add_argument("--connections", type=int, default=8, help="keep-alive connections (default 8)")
     parser.add_argument("--baseline", type=Path, help="another checkout to count the same way")
-    parser.add_argument("--keep", type=Path, help="write the callgrind dumps here (kept) instead of a temporary directory")
+    parser.add_argument(
+        "--route-options", default="", help="YAML added to the route's flow mapping, e.g. ', auth: none'"
+    )
+    parser.add_argument(
+        "--keep", type=Path, help="write the callgrind dumps here (kept) instead of a temporary directory"
+    )
     parser.add_argument("--top", type=int, default=0, help="also list this many functions per checkout")
     args = parser.parse_args(argv)
     require_tools()
