@@ -1,4 +1,5 @@
-"""Benchmark plumbing: child processes (nginx, the built-in upstream, proxies of one or two checkouts) and /proc.
+"""Benchmark plumbing: child processes (nginx, the built-in upstream, proxies of one or two checkouts,
+awslabs' Go proxy) and /proc.
 
 Every process started here runs in its own session and is stopped by its own pid (SIGTERM, then
 SIGKILL to its process group after a grace period): a benchmark never leaves anything behind and
@@ -449,14 +450,77 @@ def start_proxy(
     )
     if stderr_path:
         stderr.close()
-    proxy = Proxy(process, port, stderr_path)
+    return answering(Proxy(process, port, stderr_path), spawned, ready_path, f"the {checkout.label} proxy")
+
+
+def answering(proxy: Proxy, spawned: float, ready_path: str, name: str) -> Proxy:
+    """``proxy`` once ``GET ready_path`` through it answered 200 (stopped, with its stderr's tail, if not in 30 s)."""
     try:
-        proxy.started_s = asyncio.run(first_ok(port, ready_path, spawned + 30)) - spawned
+        proxy.started_s = asyncio.run(first_ok(proxy.port, ready_path, spawned + 30)) - spawned
     except RuntimeError:
         proxy.stop()
-        tail = stderr_path.read_text(errors="replace")[-2000:] if stderr_path else ""
-        raise RuntimeError(f"the {checkout.label} proxy did not answer 200 within 30 s\n{tail}") from None
+        tail = proxy.stderr_path.read_text(errors="replace")[-2000:] if proxy.stderr_path else ""
+        raise RuntimeError(f"{name} did not answer 200 within 30 s\n{tail}") from None
     return proxy
+
+
+# ---------------------------------------------------------------- awslabs' Go proxy, for reference
+
+GO_PROXY_COMMAND = "aws-sigv4-proxy"
+GO_PROXY_HOWTO = (
+    "build github.com/awslabs/aws-sigv4-proxy with `go build ./cmd/aws-sigv4-proxy` "
+    "and pass the binary with --go-proxy PATH (or put it on PATH)"
+)
+
+
+def find_go_proxy(path: Path | None) -> Path | None:
+    """The Go proxy's binary: ``path`` if given, else ``aws-sigv4-proxy`` on PATH, else None."""
+    if path is not None:
+        return path.resolve()
+    found = shutil.which(GO_PROXY_COMMAND)
+    return Path(found).resolve() if found else None
+
+
+def go_proxy_version(binary: Path) -> str:
+    """Its path and the Go release that built it (``go version FILE``, when go is installed)."""
+    try:
+        result = subprocess.run(["go", "version", str(binary)], capture_output=True, text=True, timeout=30)
+    except OSError:
+        return str(binary)
+    built_with = result.stdout.rpartition(": ")[2].strip() if result.returncode == 0 else ""
+    return f"{binary}" + (f", {built_with}" if built_with else "")
+
+
+def start_go_proxy(
+    workdir: Path, binary: Path, upstream: Upstream, upstream_url: str, *, ready_path: str = "/get"
+) -> Proxy:
+    """awslabs' ``aws-sigv4-proxy`` in front of ``upstream_url``, once it answered ``ready_path`` with 200.
+
+    It signs every request for ``execute-api`` in us-east-1 with static keys from its environment, as
+    the proxy signs with the static keys of its config; a TLS upstream's certificate is trusted through
+    ``SSL_CERT_FILE`` (Go's crypto/x509 reads it on Linux). It runs as one process, Go's runtime
+    using every CPU, where the proxy has worker processes.
+    """
+    port = free_port()
+    scheme, _, host = upstream_url.partition("://")
+    command = [str(binary), "--port", f"127.0.0.1:{port}", "--host", host, "--name", "execute-api"]
+    command += ["--region", "us-east-1"] + (["--upstream-url-scheme", "http"] if scheme == "http" else [])
+    env = {
+        **ENV,
+        "AWS_ACCESS_KEY_ID": "AKIDBENCHMARK0000000",
+        "AWS_SECRET_ACCESS_KEY": "bench-secret",
+        "AWS_REGION": "us-east-1",
+        "SSL_CERT_FILE": str(upstream.cert),
+    }
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE"):
+        env.pop(name, None)  # the static keys above, whatever the shell that runs the bench exports
+    stderr_path = workdir / f"go-proxy-{port}.stderr"
+    spawned = time.monotonic()
+    with stderr_path.open("wb") as stderr:
+        process = subprocess.Popen(
+            command, env=env, start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr
+        )
+    return answering(Proxy(process, port, stderr_path), spawned, ready_path, f"{GO_PROXY_COMMAND} ({binary})")
 
 
 def require_tools() -> None:

@@ -4,12 +4,15 @@
     python bench/run.py --shapes get,post --duration 4   # some of them
     python bench/run.py --baseline /tmp/baseline         # and another checkout's proxy, interleaved
     python bench/run.py --json                           # the Markdown, then every figure as JSON
+    python bench/run.py --go-proxy ~/go/bin/aws-sigv4-proxy   # and awslabs' Go proxy, for reference
 
 The upstream is nginx (small GET and 1 MiB POST over plain HTTP and TLS, static files for the
 stream) and bench/upstream.py (server-sent events, WebSocket echo); the load is wrk; the proxy runs
 as ``python -m proxy run --config FILE`` with static credentials, every request signed. With
 ``--baseline PATH`` a second proxy runs from that checkout (its own proxy/ on the same Python), and
-every measured slice of it sits between slices of this one, so both see the same machine. Each
+every measured slice of it sits between slices of this one, so both see the same machine. When
+awslabs' Go ``aws-sigv4-proxy`` is found (``--go-proxy PATH``, else on PATH) the get, tls, post and
+stream shapes measure it too, interleaved the same way, and give the proxy's ratio to it. Each
 shape prints one Markdown table (a row per target: direct, proxy, baseline, references) with the
 ratio of its main figure to direct; the run ends with a summary table, one line per shape.
 
@@ -40,11 +43,14 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import (
+    GO_PROXY_HOWTO,
     ROOT,
     Checkout,
     Proxy,
     Upstream,
     Usage,
+    find_go_proxy,
+    go_proxy_version,
     memory_kib,
     nginx_version,
     open_fds,
@@ -52,6 +58,7 @@ from harness import (
     raise_fd_limit,
     require_tools,
     run_async,
+    start_go_proxy,
     start_proxy,
     start_relay,
     start_upstream,
@@ -60,6 +67,7 @@ from harness import (
 from load import download, hold_idle, keepalive_gets, paced_script, percentile, post_script, sse_streams, upload, wrk
 
 MIB = 1 << 20
+GO = "Go aws-sigv4-proxy"  # its row in the shapes that measure it
 
 
 @dataclass
@@ -86,16 +94,24 @@ class Shape:
 
 @dataclass
 class Bench:
-    """What every shape needs: the options, a scratch directory, the upstream, the checkouts to compare."""
+    """What every shape needs: the options, a scratch directory, the upstream, the checkouts to compare.
+
+    ``go_proxy`` is the binary of awslabs' Go proxy when one was found; the shapes that measure it
+    start it with ``proxies(url, go=True)``.
+    """
 
     args: argparse.Namespace
     workdir: Path
     upstream: Upstream
     checkouts: list[Checkout]
+    go_proxy: Path | None = None
 
     @contextmanager
-    def proxies(self, upstream_url: str, **options: Any) -> Iterator[dict[str, Proxy]]:
-        """One proxy per checkout (``proxy``, ``baseline``), stopped on the way out."""
+    def proxies(self, upstream_url: str, *, go: bool = False, **options: Any) -> Iterator[dict[str, Proxy]]:
+        """One proxy per checkout (``proxy``, ``baseline``), and the Go proxy (``GO``) if ``go`` and found.
+
+        ``options`` go to ``start_proxy`` (only ``ready_path`` to the Go proxy); all are stopped on the way out.
+        """
         with ExitStack() as stack:
             started = {}
             for checkout in self.checkouts:
@@ -104,6 +120,11 @@ class Bench:
                 )
                 stack.callback(proxy.stop)
                 started[checkout.label] = proxy
+            if go and self.go_proxy is not None:
+                ready_path = options.get("ready_path", "/get")
+                proxy = start_go_proxy(self.workdir, self.go_proxy, self.upstream, upstream_url, ready_path=ready_path)
+                stack.callback(proxy.stop)
+                started[GO] = proxy
             yield started
 
 
@@ -209,13 +230,15 @@ def rate_shape(
     body_size: int = 0,
     access_log: bool = False,
     per_second: float = 0,
+    go: bool = False,
 ) -> Shape:
-    """Direct, then each checkout's proxy (and this one's with its access log on, if asked), interleaved."""
+    """Direct, then each checkout's proxy, interleaved; also this one's with its access log on if
+    ``access_log``, and the Go proxy if ``go`` and found."""
     connections = connections or bench.args.connections
     shape = Shape(title, "rps", "req/s", RATE_COLUMNS, cpu="cpu_us")
     direct_pid = bench.upstream.nginx.pid
     with ExitStack() as stack:
-        proxies = stack.enter_context(bench.proxies(upstream_url))
+        proxies = stack.enter_context(bench.proxies(upstream_url, go=go))
         targets = {"direct": (upstream_url + path, direct_pid)}
         targets |= {label: (proxy.url + path, proxy.pid) for label, proxy in proxies.items()}
         if access_log:
@@ -239,7 +262,23 @@ def rate_shape(
         shape.summary += f", descriptors {proxy['fds']}"
     if access_log:
         shape.notes.append(f"access log on / off: {cell(shape.ratio('proxy, access log on', 'proxy'), '.2f')} of req/s")
+    compare_go(shape)
     return shape
+
+
+def compare_go(shape: Shape) -> None:
+    """If the Go proxy ran: the proxy's main figure, CPU and peak memory over its in the notes, and the
+    main figure's ratio in the summary ("1.62x Go")."""
+    if GO not in shape.rows:
+        return
+    ratio = cell(shape.ratio("proxy", GO), ".2f")
+    note = f"proxy / {GO}: {ratio} ({shape.unit})"
+    if shape.cpu:
+        note += f", CPU {cell(shape.ratio('proxy', GO, shape.cpu), '.2f')}"
+    if any(key == "peak_mib" for key, _, _ in shape.columns):
+        note += f", peak memory {cell(shape.ratio('proxy', GO, 'peak_mib'), '.2f')}"
+    shape.notes.append(note)
+    shape.summary += f", {ratio}x Go"
 
 
 # ---------------------------------------------------------------- the shapes
@@ -247,17 +286,17 @@ def rate_shape(
 
 def shape_get(bench: Bench) -> Shape:
     """Small signed GETs to a plain-HTTP upstream; also with the access log on."""
-    return rate_shape(bench, "small GET, plain HTTP upstream", bench.upstream.url, "/get", access_log=True)
+    return rate_shape(bench, "small GET, plain HTTP upstream", bench.upstream.url, "/get", access_log=True, go=True)
 
 
 def shape_tls(bench: Bench) -> Shape:
     """Small signed GETs to a TLS upstream (what API Gateway always is); direct is wrk speaking TLS itself."""
-    return rate_shape(bench, "small GET, TLS upstream", bench.upstream.tls_url, "/get")
+    return rate_shape(bench, "small GET, TLS upstream", bench.upstream.tls_url, "/get", go=True)
 
 
 def shape_post(bench: Bench) -> Shape:
     """1 MiB signed POSTs; nginx answers only after reading the whole body."""
-    return rate_shape(bench, "1 MiB POST", bench.upstream.url, "/post", body_size=MIB)
+    return rate_shape(bench, "1 MiB POST", bench.upstream.url, "/post", body_size=MIB, go=True)
 
 
 def shape_conns(bench: Bench) -> Shape:
@@ -285,7 +324,8 @@ def shape_conns(bench: Bench) -> Shape:
 def shape_stream(bench: Bench) -> Shape:
     """A large download (nginx sendfile upstream): throughput, CPU, peak memory, time to first byte added.
 
-    nginx as a reverse proxy on the same path is measured too: a relay written in C, for reference.
+    nginx as a reverse proxy on the same path is measured too: a relay written in C, for reference;
+    and the Go proxy when found (it reads the whole answer before it sends the first byte).
     """
     args, upstream = bench.args, bench.upstream
     size = args.size_bytes
@@ -302,7 +342,7 @@ def shape_stream(bench: Bench) -> Shape:
         ],
         cpu="cpu_s_gib",
     )
-    with bench.proxies(upstream.url) as proxies:
+    with bench.proxies(upstream.url, go=True) as proxies:
         relay, relay_url = start_relay(bench.workdir, upstream.url)
         try:
             targets = {"direct": (upstream.url, upstream.nginx.pid)}
@@ -334,6 +374,7 @@ def shape_stream(bench: Bench) -> Shape:
     added = proxy["ttfb_ms"] - shape.rows["direct"]["ttfb_ms"]
     over_relay = cell(shape.ratio("proxy", "nginx as a relay"), ".2f")
     shape.summary = f"peak {proxy['peak_mib']:.0f} MiB, first byte +{added:.2f} ms, {over_relay}x nginx's relay"
+    compare_go(shape)
     return shape
 
 
@@ -671,6 +712,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--startup-runs", type=int, default=3)
     parser.add_argument("--idle-connections", type=int, default=1000)
     parser.add_argument("--workers", type=int, help="proxy worker processes (default: the proxy's, auto)")
+    parser.add_argument(
+        "--go-proxy",
+        type=Path,
+        help="awslabs' aws-sigv4-proxy, measured in get, tls, post and stream (default: the one on PATH)",
+    )
     parser.add_argument("--json", action="store_true", help="also print every figure as JSON")
     args = parser.parse_args(argv)
     args.shape_list = [name.strip() for name in args.shapes.split(",") if name.strip()]
@@ -678,6 +724,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--shapes: expected some of {','.join(SHAPES)}")
     if args.baseline is not None and not (args.baseline / "proxy" / "__main__.py").exists():
         parser.error(f"--baseline: {args.baseline} holds no proxy/ checkout")
+    if args.go_proxy is not None and not os.access(args.go_proxy, os.X_OK):
+        parser.error(f"--go-proxy: {args.go_proxy} is not an executable file")
     return args
 
 
@@ -688,6 +736,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.baseline is not None:
         checkouts.append(Checkout("baseline", args.baseline.resolve()))
     versions = {checkout.label: checkout.version() for checkout in checkouts}
+    go_proxy = find_go_proxy(args.go_proxy)
+    if go_proxy is None and {"get", "tls", "post", "stream"} & set(args.shape_list):
+        progress(f"aws-sigv4-proxy not found, its rows are left out: {GO_PROXY_HOWTO}")
     environment = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "cpus": os.cpu_count(),
@@ -700,6 +751,8 @@ def main(argv: list[str] | None = None) -> int:
         "workers": args.workers or "auto",
         "versions": versions,
     }
+    if go_proxy is not None:
+        environment["go_proxy"] = go_proxy_version(go_proxy)
     workdir = Path(tempfile.mkdtemp(prefix="signing-proxy-bench-"))
     shapes: list[Shape] = []
     notes: list[str] = []
@@ -708,7 +761,7 @@ def main(argv: list[str] | None = None) -> int:
         progress("starting nginx and the built-in upstream")
         upstream = start_upstream(workdir)
         try:
-            bench = Bench(args, workdir, upstream, checkouts)
+            bench = Bench(args, workdir, upstream, checkouts, go_proxy)
             for name in args.shape_list:
                 try:
                     shapes.append(SHAPES[name](bench))
@@ -725,6 +778,7 @@ def main(argv: list[str] | None = None) -> int:
         f"before, {environment['load_after']} after), {environment['seconds']} s; Python {environment['python']}, "
         f"nginx {environment['nginx']}, wrk {environment['wrk']}; proxy workers: {environment['workers']}; "
         + "; ".join(f"{label}: {version}" for label, version in versions.items())
+        + (f"; {GO}: {environment['go_proxy']}" if go_proxy is not None else "")
         + ".\n"
     )
     for shape in shapes:
