@@ -225,13 +225,15 @@ class Forwarder:
             tokens = await provider.user_pool_tokens()
             headers["Authorization"] = tokens.id_token if route.auth == "cognito_id_token" else tokens.access_token
             return f"{route.credentials} ({route.auth})"
-        credentials = await provider.aws_credentials()
+        credentials = provider.fresh_credentials() or await provider.aws_credentials()
         amz_date = signing.amz_date(time.time() + self.clock_offset)
         headers["X-Amz-Date"] = amz_date
         headers["X-Amz-Content-Sha256"] = payload_sha256
+        # SIGNED_HEADERS, each set here or by upstream_headers (Host), never by the client (OWNED_REQUEST_HEADERS).
+        signed = [("Host", route.upstream_host), ("X-Amz-Date", amz_date), ("X-Amz-Content-Sha256", payload_sha256)]
         if credentials.session_token:
             headers["X-Amz-Security-Token"] = credentials.session_token
-        signed = [(name, headers.getone(name)) for name in SIGNED_HEADERS if name in headers]
+            signed.append(("X-Amz-Security-Token", credentials.session_token))
         if "Content-Type" in headers:
             signed += [("Content-Type", value) for value in headers.getall("Content-Type")]
         rules = route.rules
@@ -477,10 +479,12 @@ class Forwarder:
         the largest cost per request on loopback.
         """
         drop = hop_by_hop(upstream.headers)
-        headers = [(name, value) for name, value in upstream.headers.items() if name.lower() not in drop]
-        if policy is not None:
+        if policy is None:
+            response = request.respond(upstream.status, upstream.reason, upstream.headers.items(), drop)
+        else:
+            headers = [(name, value) for name, value in upstream.headers.items() if name.lower() not in drop]
             headers = policy.answer_headers(request.headers.get("Origin"), headers)
-        response = request.respond(upstream.status, upstream.reason, headers)
+            response = request.respond(upstream.status, upstream.reason, headers)
         if prefetched is None:
             first, complete = upstream.read_nowait(), upstream.is_eof()
         else:

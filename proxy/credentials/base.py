@@ -165,6 +165,14 @@ class Refreshing(Generic[T]):
             return "advisory"
         return "fresh"
 
+    def fresh(self) -> T | None:
+        """The value held when it is fresh and no check of its files is due (what ``get`` would
+        return at once), else None: most requests take it without a coroutine."""
+        now = self._clock()
+        if self._changed is not None and (self._error is not None or now >= self._change_check_at):
+            return None
+        return self._value if self._stage(now) == "fresh" else None
+
     async def get(self) -> T:
         now = self._clock()
         stage = self._stage(now)
@@ -269,6 +277,10 @@ class Provider:
                 "no_identity_pool",
             )
         return await self.credentials.get()
+
+    def fresh_credentials(self) -> AwsCredentials | None:
+        """The credentials held, when fresh (see ``Refreshing.fresh``); else await ``aws_credentials``."""
+        return self.credentials.fresh() if self.credentials is not None else None
 
     async def user_pool_tokens(self) -> Any:
         if self.tokens is None:

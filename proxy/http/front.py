@@ -46,7 +46,7 @@ import json
 import logging
 import re
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 from multidict import CIMultiDict
@@ -77,6 +77,7 @@ STREAM_HIGH_WATER = 1 << 20  # body bytes a streamed (or not yet claimed) body m
 
 _REQUEST_LINE = re.compile(rb"(" + TOKEN + rb") ([\x21-\x7e\x80-\xff]+) HTTP/([0-9])\.([0-9])")
 FRAMING_FIELDS = frozenset({"content-length", "transfer-encoding"})  # written by Response itself, never relayed
+TRANSFER_FIELDS = frozenset({"transfer-encoding"})  # the same for a HEAD or 304 answer, whose length describes
 # Bytes of chunk framing (size lines, extensions, CRLFs, trailers) a request body may have beyond a quarter
 # of its data: chunks of a few bytes would otherwise cost far more CPU and memory than their data.
 MAX_CHUNK_FRAMING = 64 * 1024
@@ -386,9 +387,12 @@ class Request:
             error_body(refusal.message, refusal.reason)
         )
 
-    def respond(self, status: int, reason: str, headers: list[tuple[str, str]]) -> Response:
+    def respond(
+        self, status: int, reason: str, headers: Iterable[tuple[str, str]], drop: frozenset[str] = frozenset()
+    ) -> Response:
+        """Start the answer; ``headers`` whose lower-cased name is in ``drop`` are left out (hop-by-hop ones)."""
         self.status = status
-        return Response(self, status, reason, headers)
+        return Response(self, status, reason, headers, drop)
 
 
 class _BodyRead(Exception):
@@ -411,17 +415,25 @@ class Response:
 
     __slots__ = ("_chunked", "_head", "request")
 
-    def __init__(self, request: Request, status: int, reason: str, headers: list[tuple[str, str]]) -> None:
+    def __init__(
+        self,
+        request: Request,
+        status: int,
+        reason: str,
+        headers: Iterable[tuple[str, str]],
+        drop: frozenset[str] = frozenset(),
+    ) -> None:
         self.request = request
         self._chunked = False
         lines = [f"HTTP/1.1 {status} {reason}\r\n"]
-        describes_length = request.method == "HEAD" or status == 304
+        framing = TRANSFER_FIELDS if request.method == "HEAD" or status == 304 else FRAMING_FIELDS
         dated = False
         for name, value in headers:
             lower = name.lower()
-            if lower in FRAMING_FIELDS and not (describes_length and lower == "content-length"):
+            if lower in framing or lower in drop:
                 continue
-            dated = dated or lower == "date"
+            if lower == "date":
+                dated = True
             lines.append(f"{name}: {value}\r\n")
         if not dated:
             lines.append(f"Date: {http_date()}\r\n")

@@ -88,7 +88,10 @@ def connection_tokens(connection_values: Iterable[str]) -> set[str]:
     """Header names listed in ``Connection`` (they are hop-by-hop too), lower-cased."""
     tokens: set[str] = set()
     for value in connection_values:
-        tokens.update(t.strip().lower() for t in value.split(",") if t.strip())
+        if "," in value:
+            tokens.update(t.strip().lower() for t in value.split(",") if t.strip())
+        elif value := value.strip():  # most say one thing ("keep-alive", "close")
+            tokens.add(value.lower())
     return tokens
 
 
@@ -111,7 +114,7 @@ class FramingError(ValueError):
     """A message whose body cannot be delimited with certainty: refused, and its connection closed."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one is made per message, and a frozen one costs three times as much
 class Framing:
     """How a message's body is delimited (RFC 9112 6.3), decided once per message from its head.
 
@@ -191,7 +194,8 @@ def response_framing(method: str, status: int, headers: Any, http11: bool) -> Fr
     lengths = headers.getall("Content-Length", ())
     # Both framings at once is likely an attempt at smuggling: whatever is read, the connection then closes.
     both = bool(lengths) and "Transfer-Encoding" in headers
-    reusable = http11 and not both and "close" not in connection_tokens(headers.getall("Connection", ()))
+    connection = headers.getall("Connection", ())
+    reusable = http11 and not both and not (connection and "close" in connection_tokens(connection))
     # Validated even where they do not apply: a HEAD answer's length is relayed, and a malformed
     # framing header is a sign the next hop may read this answer differently.
     codings = transfer_codings(headers.getall("Transfer-Encoding")) if "Transfer-Encoding" in headers else []

@@ -135,17 +135,22 @@ class _Connection(asyncio.Protocol):
             response.feed_body(data)
             return
         head = self.head
-        searched = max(len(head) - 3, 0)  # look for the end of the head only in what is new
-        head += data
+        if head:  # the head came in pieces: look for its end only in what is new
+            searched = max(len(head) - 3, 0)
+            head += data
+            buffer: bytes | bytearray = head
+        else:  # most heads arrive whole in one read: parsed from it without a copy
+            searched, buffer = 0, data
         while True:
-            end = head.find(b"\r\n\r\n", searched)
+            end = buffer.find(b"\r\n\r\n", searched)
             if end < 0 or end + 4 > MAX_HEAD:
-                if end >= 0 or len(head) > MAX_HEAD:
+                if end >= 0 or len(buffer) > MAX_HEAD:
                     response.fail(BadResponse("the response headers are larger than 64 KiB"))
                     self._abort()
+                elif buffer is not head:
+                    self.head = bytearray(buffer)  # the rest of the head comes with the next read
                 return
-            block = bytes(head[:end])
-            del head[: end + 4]
+            block, buffer = bytes(buffer[:end]), buffer[end + 4 :]
             try:
                 interim = response.parse_head(block)
             except BadResponse as error:
@@ -155,9 +160,8 @@ class _Connection(asyncio.Protocol):
             if not interim:  # else a 1xx: the real response follows (a bounded number of them)
                 break
             searched = 0
-        rest = bytes(head)
         head.clear()
-        response.feed_body(rest)
+        response.feed_body(bytes(buffer))
 
     def pause_writing(self) -> None:
         if self.drain_waiter is None:
