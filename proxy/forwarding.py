@@ -38,7 +38,7 @@ from .http.tunnel import Terminate, Tunnel
 from .http.upstream import ConnectTimeout, FirstByteTimeout, Pool, UpstreamError, UpstreamResponse
 from .ops.logs import Exchange, access_log, log_access
 from .ops.metrics import Metrics
-from .payload import Payload, chain, gather_small, read_payload
+from .payload import Payload, chain, gather_small, no_body, read_payload
 from .routing import Match, Router
 from .signing import mismatch, sigv4a
 
@@ -356,7 +356,9 @@ class Forwarder:
             await self.credentials_ready(route, exchange)
         limit = self.config.max_body if route.max_body is None else route.max_body
         streamed_limit = self.config.streamed_max_body if route.max_body is None else route.max_body
-        payload = await read_payload(request, route.payload_mode, limit, streamed_limit)
+        payload = (
+            await read_payload(request, route.payload_mode, limit, streamed_limit) if request.body_exists else no_body()
+        )
         exchange.bytes_in = payload.size or 0
         query = signing.normalize_query(raw_query)
         exchange.query = query.wire
@@ -370,7 +372,8 @@ class Forwarder:
         except CredentialsUnavailable as error:
             exchange.credentials = route.credentials
             raise unavailable(route, error) from None
-        await gather_small(payload)
+        if payload.stream is not None:
+            await gather_small(payload)
         if payload.size is not None and (payload.size or request.body_exists or request.method in BODY_METHODS):
             headers["Content-Length"] = str(payload.size)
         elif payload.size is None:

@@ -44,6 +44,11 @@ class Payload:
     signature: signing.Signature | None = None  # what was signed, to explain a refusal
 
 
+def no_body() -> Payload:
+    """The payload of a request without a body (what ``read_payload`` gives for one, without a wait)."""
+    return Payload(signing.EMPTY_SHA256, 0)
+
+
 async def read_payload(request: Request, mode: str, max_body: int, streamed_limit: int | None) -> Payload:
     """The body of ``request`` as ``mode`` sends it; raises a 413 or 411 ``Refusal`` before anything is sent."""
     if mode == "signed" or not request.body_exists:

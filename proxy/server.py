@@ -9,8 +9,8 @@ import logging
 import signal
 import socket
 import ssl
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -86,9 +86,10 @@ class ProxyServer:
             self.listener_certificate.renew()
             log.info("listen_tls: auto: certificate for the listener renewed")
 
-    async def _dispatch(self, request: Request) -> None:
+    def _dispatch(self, request: Request) -> Coroutine[Any, Any, None]:
+        """The current forwarder's handler coroutine (a reload replaces the forwarder), without a frame of its own."""
         assert self.forwarder is not None
-        await self.forwarder.handle(request)
+        return self.forwarder.handle(request)
 
     def _connect(self, request: Request) -> Terminate | Tunnel:
         assert self.forwarder is not None

@@ -205,7 +205,7 @@ class Request:
         self.http11 = http11
         self.headers = headers
         self.status = 0  # of the answer, once its head is sent
-        tokens = connection_tokens(headers.getall("Connection", ())) if "Connection" in headers else set()
+        tokens = connection_tokens(headers.getall("Connection")) if "Connection" in headers else frozenset()
         self.keep_alive = "close" not in tokens if http11 else "keep-alive" in tokens
         self.expect_continue = False
         self._remaining: int | None = None  # Content-Length bytes still to come

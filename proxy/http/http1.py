@@ -11,6 +11,7 @@ import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()  # the digest of a request with no body
@@ -84,22 +85,31 @@ def malformed_line(block: bytes, first_line: int = 2) -> str:
     return "malformed header block"
 
 
-def connection_tokens(connection_values: Iterable[str]) -> set[str]:
+def connection_tokens(connection_values: Iterable[str]) -> frozenset[str]:
     """Header names listed in ``Connection`` (they are hop-by-hop too), lower-cased."""
-    tokens: set[str] = set()
+    tokens: frozenset[str] = frozenset()
     for value in connection_values:
-        if "," in value:
-            tokens.update(t.strip().lower() for t in value.split(",") if t.strip())
-        elif value := value.strip():  # most say one thing ("keep-alive", "close")
-            tokens.add(value.lower())
+        tokens |= _tokens(value)
     return tokens
+
+
+@lru_cache(maxsize=256)
+def _tokens(value: str) -> frozenset[str]:
+    """One ``Connection`` value's tokens: peers send the same few values ("keep-alive") again and again."""
+    return frozenset(t.strip().lower() for t in value.split(",") if t.strip())
+
+
+@lru_cache(maxsize=256)
+def _hop_by_hop(value: str) -> frozenset[str]:
+    return HOP_BY_HOP | _tokens(value)
 
 
 def hop_by_hop(headers: Any) -> frozenset[str]:
     """The names to drop when forwarding a message: HOP_BY_HOP and whatever its ``Connection`` lists."""
     if "Connection" not in headers:
         return HOP_BY_HOP
-    return HOP_BY_HOP | connection_tokens(headers.getall("Connection"))
+    values = headers.getall("Connection")
+    return _hop_by_hop(values[0]) if len(values) == 1 else HOP_BY_HOP | connection_tokens(values)
 
 
 def has_body(method: str, status: int) -> bool:

@@ -39,7 +39,8 @@ from .tls import tls_context, tls_failure
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 HIGH_WATER = 1 << 20  # pause reading from the upstream above this much unread body
 MAX_HEAD = 64 * 1024  # status line and headers
-IDLE_KEEP = 30.0  # seconds an unused pooled connection is kept
+IDLE_KEEP = 30.0  # seconds an unused pooled connection is kept (at most IDLE_SWEEP more)
+IDLE_SWEEP = 10.0  # how often the pool closes connections unused for IDLE_KEEP: one timer, not one per request
 EXPECT_WAIT = 1.0  # seconds to wait for 100 Continue before sending a streamed body anyway (as curl does)
 MAX_INTERIM = 8  # 1xx answers skipped before one request's answer; more is a 502
 PIECE_COST = 64  # what holding one body piece costs beyond its bytes, counted towards HIGH_WATER
@@ -115,7 +116,7 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.response: UpstreamResponse | None = None
         self.head = bytearray()
-        self.idle_handle: asyncio.TimerHandle | None = None
+        self.idle_since = 0.0  # when it was parked in the pool (the loop's clock)
         self.drain_waiter: asyncio.Future[None] | None = None  # set while the socket's send buffer is full
         # Looked up once: on Python 3.11 each get_running_loop() is a getpid() system call.
         self.loop = asyncio.get_running_loop()
@@ -185,8 +186,6 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         self.resume_writing()  # a sender waiting to write learns of the loss from the response
         self.pool.forget(self)
-        if self.idle_handle is not None:
-            self.idle_handle.cancel()
         response, self.response = self.response, None  # no cycle left behind (see front.connection_lost)
         if response is not None:
             if isinstance(exc, ssl.SSLError) and not response.received_any:
@@ -371,9 +370,6 @@ class UpstreamResponse:
 
     # ------------------------------------------------------------ reading (called by the relay)
 
-    async def wait_head(self) -> None:
-        await self._head_waiter
-
     def read_nowait(self) -> bytes:
         """Whatever body has arrived, without waiting."""
         if not self._chunks:
@@ -460,6 +456,7 @@ class Pool:
         self._ssl = ssl_context
         self._default: Egress | None = None
         self._all: set[_Connection] = set()
+        self._sweeper: asyncio.Task[None] | None = None
 
     def _default_egress(self) -> Egress:
         """For requests that name no egress: the environment's proxy, the system's CAs."""
@@ -468,8 +465,21 @@ class Pool:
         return self._default
 
     def park(self, connection: _Connection) -> None:
+        connection.idle_since = connection.loop.time()
         self._idle.setdefault(connection.key, []).append(connection)
-        connection.idle_handle = connection.loop.call_later(IDLE_KEEP, connection._abort)
+        if self._sweeper is None:
+            self._sweeper = connection.loop.create_task(self._sweep_idle())
+
+    async def _sweep_idle(self) -> None:
+        """Close connections left unused for ``IDLE_KEEP``, every ``IDLE_SWEEP`` seconds."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(IDLE_SWEEP)
+            unused_since = loop.time() - IDLE_KEEP
+            for idle in list(self._idle.values()):
+                for connection in [c for c in idle if c.idle_since <= unused_since]:
+                    idle.remove(connection)
+                    connection._abort()
 
     def forget(self, connection: _Connection) -> None:
         self._all.discard(connection)
@@ -481,9 +491,6 @@ class Pool:
         idle = self._idle.get(key)
         while idle:
             connection = idle.pop()
-            if connection.idle_handle is not None:
-                connection.idle_handle.cancel()
-                connection.idle_handle = None
             if not connection.closed and connection.transport is not None and not connection.transport.is_closing():
                 return connection
         return None
@@ -567,7 +574,7 @@ class Pool:
                 transport.writelines((head, *body))
             timer = connection.loop.call_later(first_byte_timeout, response.time_out, first_byte_timeout)
             try:
-                await response.wait_head()
+                await response._head_waiter
                 return response
             except FirstByteTimeout:
                 response.close()
@@ -621,7 +628,7 @@ class Pool:
                 await self._send_body(response, stream, chunked, first_byte_timeout)
             timer = loop.call_later(first_byte_timeout, response.time_out, first_byte_timeout)
             try:
-                await response.wait_head()
+                await response._head_waiter
             finally:
                 timer.cancel()
         except BaseException:
@@ -652,6 +659,9 @@ class Pool:
             transport.write(b"0\r\n\r\n")
 
     def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for connection in list(self._all):
             connection._abort()
         self._all.clear()
