@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=2000, help="GETs counted (default 2000)")
     parser.add_argument("--warmup", type=int, default=400, help="GETs before counting (default 400)")
     parser.add_argument("--connections", type=int, default=8, help="keep-alive connections (default 8)")
+    parser.add_argument("--tls", action="store_true", help="the upstream is nginx over TLS (default: plain HTTP)")
     parser.add_argument("--baseline", type=Path, help="another checkout to count the same way")
     parser.add_argument(
         "--route-options", default="", help="YAML added to the route's flow mapping, e.g. ', auth: none'"
@@ -132,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
             figures = {}
             for checkout in checkouts:
                 progress(f"{checkout.label} ({checkout.version()}): {args.requests} GETs under callgrind")
-                figures[checkout.label] = count(checkout, upstream.url, upstream.cert, workdir, args)
+                url = upstream.tls_url if args.tls else upstream.url
+                figures[checkout.label] = count(checkout, url, upstream.cert, workdir, args)
         finally:
             upstream.stop()
     print("\n| checkout | instructions per small GET | ratio to proxy |\n| --- | ---: | ---: |")
