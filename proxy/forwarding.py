@@ -234,11 +234,17 @@ class Forwarder:
         if credentials.session_token:
             headers["X-Amz-Security-Token"] = credentials.session_token
             signed.append(("X-Amz-Security-Token", credentials.session_token))
+        own = len(signed)
         if "Content-Type" in headers:
             signed += [("Content-Type", value) for value in headers.getall("Content-Type")]
         rules = route.rules
         if rules.sign_amz_headers:  # S3 refuses x-amz-* headers that are not signed
             signed += [(name, value) for name, value in headers.items() if amz_unsigned(name)]
+        canonical = None  # SigV4's own headers only (most requests): their canonical form in one step
+        if len(signed) == own:
+            canonical = signing.own_canonical_headers(
+                route.upstream_host, amz_date, payload_sha256, credentials.session_token
+            )
         region = route.resolved_region or ""
         if route.signing == "sigv4a":
             await self._sign_sigv4a(request_method, match, query, headers, signed, amz_date, credentials)
@@ -246,7 +252,7 @@ class Forwarder:
         signature = signing.sign(
             signing.SigningRequest(
                 request_method, match.upstream_path, query.canonical, tuple(signed), payload_sha256,
-                double_encode=not rules.s3_paths,
+                double_encode=not rules.s3_paths, canonical_headers=canonical,
             ),
             access_key_id=credentials.access_key_id,
             secret_access_key=credentials.secret_access_key,

@@ -30,6 +30,7 @@ from proxy.signing import (
     canonical_headers,
     canonical_uri,
     normalize_path,
+    own_canonical_headers,
     normalize_query,
     percent_decode,
     sign,
@@ -426,6 +427,18 @@ def test_canonical_headers_fold_and_join() -> None:
     )
     assert lines == f"content-type:a/b; c=d,x\nhost:h\nx-amz-date:{AMZ_DATE}\n"
     assert signed == "content-type;host;x-amz-date"
+
+
+@given(
+    st.sampled_from([HOST, "127.0.0.1:8080", "s3.eu-west-1.amazonaws.com"]),
+    st.sampled_from([EMPTY_SHA256, "UNSIGNED-PAYLOAD", "STREAMING-AWS4-HMAC-SHA256-PAYLOAD"]),
+    st.one_of(st.none(), st.just(""), st.just(TOKEN), st.text(alphabet=" \tAb+/=", max_size=12)),
+)
+def test_own_canonical_headers_is_canonical_headers_of_the_same(host: str, payload: str, token: str | None) -> None:
+    """The one-step form of SigV4's own headers says exactly what the general function says of them."""
+    own = [("Host", host), ("X-Amz-Date", AMZ_DATE), ("X-Amz-Content-Sha256", payload)]
+    own += [("X-Amz-Security-Token", token)] if token else []
+    assert own_canonical_headers(host, AMZ_DATE, payload, token) == canonical_headers(own)
 
 
 def test_uri_encode_and_percent_decode_round_trip() -> None:
