@@ -30,7 +30,7 @@ import ssl
 from collections import deque
 from collections.abc import AsyncIterable, Iterable
 
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from .egress import Egress, EgressError, ProxyEnvironment
 from .http1 import ChunkDecoder, FramingError, malformed_line, parse_fields, response_framing
@@ -46,6 +46,9 @@ MAX_INTERIM = 8  # 1xx answers skipped before one request's answer; more is a 50
 PIECE_COST = 64  # what holding one body piece costs beyond its bytes, counted towards HIGH_WATER
 # A reason phrase has no CR, LF or other control (RFC 9112 4); a missing one is tolerated, as llhttp does.
 _STATUS_LINE = re.compile(r"HTTP/1\.([01]) ([0-9]{3})(?: ([^\x00-\x08\x0a-\x1f\x7f]*+))?")
+
+
+NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())  # read-only: shared by every response
 
 
 class UpstreamError(Exception):
@@ -217,7 +220,7 @@ class UpstreamResponse:
         self.method = method
         self.status = 0
         self.reason = ""
-        self.headers: CIMultiDict[str] = CIMultiDict()
+        self.headers: CIMultiDict[str] | CIMultiDictProxy[str] = NO_HEADERS  # until the head arrives
         self.content_length: int | None = None
         self.headers_done = False
         self.received_any = False  # a byte of the answer arrived (so the request cannot be sent again)
@@ -554,8 +557,10 @@ class Pool:
             )
         head = _head(method, target, headers)
         # Small requests go out in one write; large bodies without being copied into one buffer.
-        size = sum(len(part) for part in body)
-        message = b"".join((head, *body)) if size < 64 * 1024 else None
+        if not body:
+            message: bytes | None = head
+        else:
+            message = b"".join((head, *body)) if sum(len(part) for part in body) < 64 * 1024 else None
         for attempt in (1, 2):
             connection = self._take_idle(slot)
             reused = connection is not None
