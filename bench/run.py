@@ -168,7 +168,7 @@ def measure_rates(
     p50/p99 are the request-weighted means of the slices' percentiles. With more than a hundred
     connections, each proxy's descriptors are counted after a light load (8 connections: files opened
     on first use are open, at most a few upstream connections pooled) and again after the last slice,
-    until back to that count: pooled upstream connections close after ``IDLE_KEEP`` (30 s) unused.
+    until back to that count: pooled upstream connections close within ``IDLE_KEEP`` (30 s) unused.
     (The upstream's count would include the proxies' pooled connections to it: it is not shown.)
     """
     many = connections > 100

@@ -240,15 +240,15 @@ class Forwarder:
         rules = route.rules
         if rules.sign_amz_headers:  # S3 refuses x-amz-* headers that are not signed
             signed += [(name, value) for name, value in headers.items() if amz_unsigned(name)]
+        region = route.resolved_region or ""
+        if route.signing == "sigv4a":
+            await self._sign_sigv4a(request_method, match, query, headers, signed, amz_date, credentials)
+            return f"{route.credentials} {credentials.key_prefix}"
         canonical = None  # SigV4's own headers only (most requests): their canonical form in one step
         if len(signed) == own:
             canonical = signing.own_canonical_headers(
                 route.upstream_host, amz_date, payload_sha256, credentials.session_token
             )
-        region = route.resolved_region or ""
-        if route.signing == "sigv4a":
-            await self._sign_sigv4a(request_method, match, query, headers, signed, amz_date, credentials)
-            return f"{route.credentials} {credentials.key_prefix}"
         signature = signing.sign(
             signing.SigningRequest(
                 request_method, match.upstream_path, query.canonical, tuple(signed), payload_sha256,

@@ -11,8 +11,10 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from multidict import CIMultiDict
 from yarl import URL
 
+from proxy.http import http1
 from tests.conftest import TEST_KEY_ID, TEST_SESSION_TOKEN, static_route
 from tests.support.rawhttp import raw_request
 from tests.support.sigv4_upstream import Received, SigV4Upstream
@@ -56,6 +58,18 @@ async def test_hop_by_hop_and_connection_named_headers_are_dropped(sigv4_upstrea
     for dropped in ("connection", "x-private", "keep-alive", "te", "proxy-authorization"):
         assert dropped not in got
     assert "x-kept" in got and "upgrade-insecure-requests" in got
+
+
+def test_long_connection_values_are_read_but_never_cached() -> None:
+    """Connection values are cached (peers repeat "keep-alive"), but only short ones: a client sending
+    8 KB values full of distinct tokens must not pin megabytes in the caches."""
+    long_value = ",".join(f"x-{n}" for n in range(2000)) + ", X-Private"
+    cached = http1._cached_tokens.cache_info().currsize, http1._cached_hop_by_hop.cache_info().currsize
+    assert "x-private" in http1.connection_tokens([long_value])
+    dropped = http1.hop_by_hop(CIMultiDict([("Connection", long_value)]))
+    assert {"x-private", "x-1999", "keep-alive"} <= dropped
+    assert (http1._cached_tokens.cache_info().currsize, http1._cached_hop_by_hop.cache_info().currsize) == cached
+    assert http1.hop_by_hop(CIMultiDict([("Connection", "Close, X-Short")])) == http1.HOP_BY_HOP | {"close", "x-short"}
 
 
 @pytest.mark.parametrize("method", ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "PROPFIND"])

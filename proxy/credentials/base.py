@@ -169,14 +169,16 @@ class Refreshing(Generic[T]):
         """The value held when it is fresh and no check of its files is due (what ``get`` would
         return at once), else None: most requests take it without a coroutine."""
         now = self._clock()
-        if self._changed is not None and (self._error is not None or now >= self._change_check_at):
-            return None
-        return self._value if self._stage(now) == "fresh" else None
+        return self._value if not self._check_due(now) and self._stage(now) == "fresh" else None
+
+    def _check_due(self, now: float) -> bool:
+        """Time to look whether the source's files changed (at most once a second, every time while failing)."""
+        return self._changed is not None and (self._error is not None or now >= self._change_check_at)
 
     async def get(self) -> T:
         now = self._clock()
         stage = self._stage(now)
-        if self._changed is not None and (self._error is not None or now >= self._change_check_at):
+        if self._check_due(now):
             self._change_check_at = now + CHANGE_CHECK_EVERY
             if self._changed():
                 stage, self._next_attempt = "mandatory", 0.0  # new files: load them now, whatever the backoff

@@ -77,7 +77,8 @@ STREAM_HIGH_WATER = 1 << 20  # body bytes a streamed (or not yet claimed) body m
 
 _REQUEST_LINE = re.compile(rb"(" + TOKEN + rb") ([\x21-\x7e\x80-\xff]+) HTTP/([0-9])\.([0-9])")
 FRAMING_FIELDS = frozenset({"content-length", "transfer-encoding"})  # written by Response itself, never relayed
-TRANSFER_FIELDS = frozenset({"transfer-encoding"})  # the same for a HEAD or 304 answer, whose length describes
+# The same for a HEAD or 304 answer: its Content-Length describes the body it would have had, and is relayed.
+TRANSFER_FIELDS = frozenset({"transfer-encoding"})
 # Bytes of chunk framing (size lines, extensions, CRLFs, trailers) a request body may have beyond a quarter
 # of its data: chunks of a few bytes would otherwise cost far more CPU and memory than their data.
 MAX_CHUNK_FRAMING = 64 * 1024

@@ -89,19 +89,24 @@ def connection_tokens(connection_values: Iterable[str]) -> frozenset[str]:
     """Header names listed in ``Connection`` (they are hop-by-hop too), lower-cased."""
     tokens: frozenset[str] = frozenset()
     for value in connection_values:
-        tokens |= _tokens(value)
+        tokens |= _cached_tokens(value) if len(value) <= CACHED_VALUE else _tokens(value)
     return tokens
 
 
-@lru_cache(maxsize=256)
+CACHED_VALUE = 64  # longer Connection values are not cached: a client could fill the caches with large ones
+
+
 def _tokens(value: str) -> frozenset[str]:
-    """One ``Connection`` value's tokens: peers send the same few values ("keep-alive") again and again."""
     return frozenset(t.strip().lower() for t in value.split(",") if t.strip())
 
 
+# Peers send the same few Connection values ("keep-alive", "close") again and again.
+_cached_tokens = lru_cache(maxsize=256)(_tokens)
+
+
 @lru_cache(maxsize=256)
-def _hop_by_hop(value: str) -> frozenset[str]:
-    return HOP_BY_HOP | _tokens(value)
+def _cached_hop_by_hop(value: str) -> frozenset[str]:
+    return HOP_BY_HOP | _cached_tokens(value)
 
 
 def hop_by_hop(headers: Any) -> frozenset[str]:
@@ -109,7 +114,9 @@ def hop_by_hop(headers: Any) -> frozenset[str]:
     if "Connection" not in headers:
         return HOP_BY_HOP
     values = headers.getall("Connection")
-    return _hop_by_hop(values[0]) if len(values) == 1 else HOP_BY_HOP | connection_tokens(values)
+    if len(values) == 1 and len(values[0]) <= CACHED_VALUE:
+        return _cached_hop_by_hop(values[0])
+    return HOP_BY_HOP | connection_tokens(values)
 
 
 def has_body(method: str, status: int) -> bool:
@@ -124,7 +131,7 @@ class FramingError(ValueError):
     """A message whose body cannot be delimited with certainty: refused, and its connection closed."""
 
 
-@dataclass(slots=True)  # not frozen: one is made per message, and a frozen one costs three times as much
+@dataclass(slots=True)  # not frozen: most messages make one, and a frozen one costs three times as much
 class Framing:
     """How a message's body is delimited (RFC 9112 6.3), decided once per message from its head.
 

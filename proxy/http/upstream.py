@@ -39,8 +39,8 @@ from .tls import tls_context, tls_failure
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 HIGH_WATER = 1 << 20  # pause reading from the upstream above this much unread body
 MAX_HEAD = 64 * 1024  # status line and headers
-IDLE_KEEP = 30.0  # seconds an unused pooled connection is kept (at most IDLE_SWEEP more)
-IDLE_SWEEP = 10.0  # how often the pool closes connections unused for IDLE_KEEP: one timer, not one per request
+IDLE_KEEP = 30.0  # the longest an unused pooled connection is kept (at least IDLE_KEEP - IDLE_SWEEP)
+IDLE_SWEEP = 10.0  # how often the pool closes unused connections: one timer, not one per request
 EXPECT_WAIT = 1.0  # seconds to wait for 100 Continue before sending a streamed body anyway (as curl does)
 MAX_INTERIM = 8  # 1xx answers skipped before one request's answer; more is a 502
 PIECE_COST = 64  # what holding one body piece costs beyond its bytes, counted towards HIGH_WATER
@@ -474,11 +474,12 @@ class Pool:
             self._sweeper = connection.loop.create_task(self._sweep_idle())
 
     async def _sweep_idle(self) -> None:
-        """Close connections left unused for ``IDLE_KEEP``, every ``IDLE_SWEEP`` seconds."""
+        """Every ``IDLE_SWEEP`` seconds, close the connections that would be unused for ``IDLE_KEEP`` by the next
+        sweep (upstreams close theirs after a while too: a connection is never kept longer than ``IDLE_KEEP``)."""
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(IDLE_SWEEP)
-            unused_since = loop.time() - IDLE_KEEP
+            unused_since = loop.time() - (IDLE_KEEP - IDLE_SWEEP)
             for idle in list(self._idle.values()):
                 for connection in [c for c in idle if c.idle_since <= unused_since]:
                     idle.remove(connection)
