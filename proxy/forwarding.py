@@ -360,11 +360,12 @@ class Forwarder:
         route = match.route
         if request.expect_continue:  # "100 Continue" only once nothing local can refuse the body
             await self.credentials_ready(route, exchange)
-        limit = self.config.max_body if route.max_body is None else route.max_body
-        streamed_limit = self.config.streamed_max_body if route.max_body is None else route.max_body
-        payload = (
-            await read_payload(request, route.payload_mode, limit, streamed_limit) if request.body_exists else no_body()
-        )
+        if request.body_exists:
+            limit = self.config.max_body if route.max_body is None else route.max_body
+            streamed_limit = self.config.streamed_max_body if route.max_body is None else route.max_body
+            payload = await read_payload(request, route.payload_mode, limit, streamed_limit)
+        else:
+            payload = no_body()  # no limit to apply, nothing to wait for
         exchange.bytes_in = payload.size or 0
         query = signing.normalize_query(raw_query)
         exchange.query = query.wire
