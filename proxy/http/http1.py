@@ -104,19 +104,11 @@ def _tokens(value: str) -> frozenset[str]:
 _cached_tokens = lru_cache(maxsize=256)(_tokens)
 
 
-@lru_cache(maxsize=256)
-def _cached_hop_by_hop(value: str) -> frozenset[str]:
-    return HOP_BY_HOP | _cached_tokens(value)
-
-
 def hop_by_hop(headers: Any) -> frozenset[str]:
     """The names to drop when forwarding a message: HOP_BY_HOP and whatever its ``Connection`` lists."""
     if "Connection" not in headers:
         return HOP_BY_HOP
-    values = headers.getall("Connection")
-    if len(values) == 1 and len(values[0]) <= CACHED_VALUE:
-        return _cached_hop_by_hop(values[0])
-    return HOP_BY_HOP | connection_tokens(values)
+    return HOP_BY_HOP | connection_tokens(headers.getall("Connection"))
 
 
 def has_body(method: str, status: int) -> bool:
