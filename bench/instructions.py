@@ -11,8 +11,9 @@ One proxy (``workers: 1``) runs under callgrind in front of nginx; a keep-alive 
 ``--requests`` GETs on ``--connections`` connections are counted and dumped. The figure is the
 proxy process's instructions over those requests, the event loop and every library included; the
 kernel's work (the socket system calls) is not in it, so it complements ``run.py``'s CPU per request
-rather than replacing it. ``--top`` lists the C functions with the most instructions of their own
-(``callgrind_annotate``), where uvloop, the interpreter and hashlib show up by name.
+rather than replacing it. ``--keep DIR`` keeps the callgrind dumps. Where the instructions go
+within the interpreter is not told apart (callgrind sees one recursive cycle of Python calls):
+``bench/flame.py`` shows that by Python function.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def drive(port: int, path: str, requests: int, connections: int) -> None:
 
 
 def count(checkout: Checkout, upstream_url: str, cert: Path, workdir: Path, args: argparse.Namespace) -> float:
-    """Instructions per request of ``checkout``'s proxy (and the callgrind dump, for ``--top``)."""
+    """Instructions per request of ``checkout``'s proxy."""
     port = free_port()
     config = workdir / f"{checkout.label}.yaml"
     config.write_text(proxy_config(port, upstream_url, "warning", 1, route=args.route_options))
@@ -91,17 +92,6 @@ def count(checkout: Checkout, upstream_url: str, cert: Path, workdir: Path, args
     totals = re.search(r"^(?:summary|totals): (\d+)", counted.read_text(), re.MULTILINE)
     if totals is None:
         raise RuntimeError(f"no totals in {counted}")
-    if args.top:
-        annotate = subprocess.run(
-            ["callgrind_annotate", "--threshold=99", str(counted)],
-            capture_output=True,
-            text=True,
-        ).stdout
-        lines = [line for line in annotate.splitlines() if re.match(r"^\s*[\d,]+ ", line)]
-        print(f"\n{checkout.label}: top functions by their own instructions per request")
-        for line in lines[1 : args.top + 1]:
-            number, _, name = line.strip().partition(" ")
-            print(f"  {int(number.replace(',', '')) / args.requests:>10,.0f}  {name.strip()[:110]}")
     return int(totals.group(1)) / args.requests
 
 
@@ -118,7 +108,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--keep", type=Path, help="write the callgrind dumps here (kept) instead of a temporary directory"
     )
-    parser.add_argument("--top", type=int, default=0, help="also list this many functions per checkout")
     args = parser.parse_args(argv)
     require_tools()
     if not shutil.which("valgrind"):
