@@ -33,7 +33,7 @@ from .forward import Allowed, ForwardProxy
 from .hosts import split_authority
 from .http import splice
 from .http.front import Refusal, Request, Response
-from .http.http1 import has_body, hop_by_hop
+from .http.http1 import HOP_BY_HOP, has_body, hop_by_hop
 from .http.tunnel import Terminate, Tunnel
 from .http.upstream import ConnectTimeout, FirstByteTimeout, Pool, UpstreamError, UpstreamResponse
 from .ops.logs import Exchange, access_log, log_access
@@ -63,6 +63,7 @@ OWNED_REQUEST_HEADERS = frozenset(
         "expect",
     }
 )
+NOT_FORWARDED = HOP_BY_HOP | OWNED_REQUEST_HEADERS  # what a request whose Connection names nothing more loses
 
 
 def failed(exchange: Exchange, message: str, status: int, reason: str) -> Refusal:
@@ -194,7 +195,8 @@ class Forwarder:
 
     def upstream_headers(self, client_headers: Any, route: Route) -> CIMultiDict[str]:
         """The client's headers minus hop-by-hop and the ones we own; repeats kept."""
-        drop = hop_by_hop(client_headers) | OWNED_REQUEST_HEADERS
+        hop = hop_by_hop(client_headers)
+        drop = NOT_FORWARDED if hop is HOP_BY_HOP else hop | OWNED_REQUEST_HEADERS
         headers: CIMultiDict[str] = CIMultiDict()
         for name, value in client_headers.items():
             if name.lower() not in drop:
