@@ -214,6 +214,61 @@ async def test_first_byte_timeout_is_its_own_phase(sigv4_upstream, start_proxy) 
     assert time.monotonic() - started < 1.5
 
 
+async def test_first_byte_timeout_of_a_shorter_route_on_a_pooled_connection(sigv4_upstream, start_proxy) -> None:
+    """Two routes share a pooled connection: the second's 200 ms wait is not stretched to the first's minute.
+
+    One timer per connection (``upstream._Connection.expect_head``) must be armed again
+    when a later request on it is due sooner than the timer.
+    """
+    never = asyncio.Event()
+    peers = []
+
+    async def respond(request: web.Request, received: Received) -> web.StreamResponse:
+        peers.append(request.transport.get_extra_info("peername")[1] if request.transport else None)
+        if request.path.startswith("/slow"):
+            await never.wait()
+        return web.Response(text="ok")
+
+    sigv4_upstream.responder = respond
+    config = static_route(sigv4_upstream.url, path_prefix="/fast", first_byte_timeout="1m")
+    slow = {"path_prefix": "/slow", "upstream": sigv4_upstream.url + "/slow", "first_byte_timeout": "200ms"}
+    config["routes"].append(config["routes"][0] | slow)
+    proxy = await start_proxy(config)
+    try:
+        async with aiohttp.ClientSession() as client:
+            async with client.get(proxy.url + "/fast") as response:
+                assert response.status == 200
+            started = time.monotonic()
+            async with client.get(proxy.url + "/slow") as response:
+                assert response.status == 504
+                assert (await response.json())["reason"] == "upstream_timeout"
+    finally:
+        never.set()
+    assert time.monotonic() - started < 5
+    assert len(peers) == 2 and peers[0] == peers[1]  # the same upstream connection
+
+
+async def test_first_byte_timeout_counts_from_each_request_on_a_pooled_connection(sigv4_upstream, start_proxy) -> None:
+    """A connection's timer, armed for an earlier request, does not cut a later one short."""
+    peers = []
+
+    async def respond(request: web.Request, received: Received) -> web.StreamResponse:
+        peers.append(request.transport.get_extra_info("peername")[1] if request.transport else None)
+        if request.path == "/second":
+            await asyncio.sleep(0.6)  # within its 1 s, past the first request's deadline
+        return web.Response(text="ok")
+
+    sigv4_upstream.responder = respond
+    proxy = await start_proxy(static_route(sigv4_upstream.url, first_byte_timeout="1s"))
+    async with aiohttp.ClientSession() as client:
+        async with client.get(proxy.url + "/first") as response:
+            assert response.status == 200
+        await asyncio.sleep(0.6)  # the scenario: the next request comes 0.6 s later
+        async with client.get(proxy.url + "/second") as response:
+            assert response.status == 200, await response.text()
+    assert len(peers) == 2 and peers[0] == peers[1]  # the same upstream connection
+
+
 async def test_a_slow_first_byte_is_not_cut_by_a_shorter_idle_timeout(sigv4_upstream, start_proxy) -> None:
     """A function that takes a while to start, then streams with short gaps (SSE with heartbeats)."""
 

@@ -121,6 +121,10 @@ class _Connection(asyncio.Protocol):
         self.head = bytearray()
         self.idle_since = 0.0  # when it was parked in the pool (the loop's clock)
         self.drain_waiter: asyncio.Future[None] | None = None  # set while the socket's send buffer is full
+        self.head_deadline = 0.0  # when the current response's head is due (the loop's clock)
+        self.head_timeout = 0.0
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._head_timer_at = 0.0  # when it fires
         # Looked up once: on Python 3.11 each get_running_loop() is a getpid() system call.
         self.loop = asyncio.get_running_loop()
 
@@ -187,6 +191,9 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
         self.resume_writing()  # a sender waiting to write learns of the loss from the response
         self.pool.forget(self)
         response, self.response = self.response, None  # no cycle left behind (see front.connection_lost)
@@ -197,6 +204,35 @@ class _Connection(asyncio.Protocol):
             response.connection_lost()
 
     # ------------------------------------------------------------ used by the pool and the response
+
+    def expect_head(self, seconds: float) -> None:
+        """Fail the current response unless its head arrives within ``seconds`` from now.
+
+        One timer per connection, not one per request: it is armed only when none is pending,
+        and when it fires before the deadline of the request then under way (a later one on
+        the same connection) it is armed again for that deadline. Each request costs a clock
+        read; a timer is made about once per ``seconds`` on a busy connection.
+        """
+        self.head_deadline = self.loop.time() + seconds
+        self.head_timeout = seconds
+        if self._head_timer is None or self.head_deadline < self._head_timer_at:  # a route with a shorter timeout
+            self._arm_head_timer()
+
+    def _arm_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        self._head_timer = self.loop.call_at(self.head_deadline, self._check_head)
+        self._head_timer_at = self.head_deadline
+
+    def _check_head(self) -> None:
+        self._head_timer = None
+        response = self.response
+        if response is None or response.headers_done or self.closed:
+            return
+        if self.loop.time() >= self.head_deadline:
+            response.time_out(self.head_timeout)
+        else:
+            self._arm_head_timer()
 
     def _abort(self) -> None:
         self.closed = True
@@ -578,7 +614,7 @@ class Pool:
                 transport.write(message)
             else:
                 transport.writelines((head, *body))
-            timer = connection.loop.call_later(first_byte_timeout, response.time_out, first_byte_timeout)
+            connection.expect_head(first_byte_timeout)
             try:
                 await response._head_waiter
                 return response
@@ -593,8 +629,6 @@ class Pool:
             except BaseException:
                 response.close()
                 raise
-            finally:
-                timer.cancel()
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _request_streamed(
@@ -632,11 +666,8 @@ class Pool:
                 response._keep_alive = False  # answered before the body: it is never sent (nor read from the client)
             else:
                 await self._send_body(response, stream, chunked, first_byte_timeout)
-            timer = loop.call_later(first_byte_timeout, response.time_out, first_byte_timeout)
-            try:
-                await response._head_waiter
-            finally:
-                timer.cancel()
+            connection.expect_head(first_byte_timeout)
+            await response._head_waiter
         except BaseException:
             response.close()
             raise
