@@ -265,8 +265,7 @@ class Forwarder:
         headers["Authorization"] = signature.authorization
         if payload is not None:
             payload.signature = signature
-            seed = signature.authorization.rpartition("=")[2]
-            chain(payload, credentials.secret_access_key, amz_date, region, route.service, seed)
+            chain(payload, credentials.secret_access_key, amz_date, region, route.service)
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "signed %s %s with %s\n--- canonical request ---\n%s\n--- string to sign ---\n%s",

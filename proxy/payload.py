@@ -153,8 +153,10 @@ async def _signed_chunks(payload: Payload, pieces: AsyncIterator[bytes]) -> Asyn
     yield signer.frame(b"")
 
 
-def chain(payload: Payload, secret_access_key: str, amz_date: str, region: str, service: str, seed: str) -> None:
-    """Start ``payload``'s chunk signatures from the request's own (``streaming`` only)."""
+def chain(payload: Payload, secret_access_key: str, amz_date: str, region: str, service: str) -> None:
+    """Start ``payload``'s chunk signatures from the request's own, ``payload.signature`` (``streaming`` only)."""
     if payload.sha256 == STREAMING_PAYLOAD:
+        assert payload.signature is not None, "the request must be signed before its chunks are chained to it"
+        seed = payload.signature.authorization.rpartition("=")[2]
         key = signing.signing_key(secret_access_key, amz_date[:8], region, service)
         payload.chunk_signer = ChunkSigner(key, amz_date, signing.credential_scope(amz_date[:8], region, service), seed)

@@ -61,11 +61,11 @@ class AwsCredentials:
     session_token: str | None = field(default=None, repr=False)
     expires_at: float | None = None  # epoch seconds; None: does not expire
     identity: str = ""  # what to show for these credentials: a role ARN, a Cognito identity id
+    # The part of the access key id that is safe to log: read for every signed request's access line.
+    key_prefix: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def key_prefix(self) -> str:
-        """The part of the access key id that is safe to log."""
-        return self.access_key_id[:8] + "…"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key_prefix", self.access_key_id[:8] + "…")
 
 
 class Expiring(Protocol):

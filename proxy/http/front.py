@@ -616,13 +616,14 @@ class Connection(asyncio.Protocol):
         self.searched = 0
         self.buffer = buffer[end + 4 :]
         try:
-            request = self._parse_head(buffer[:end])
+            request = self._parse_head(buffer[: end + 2])  # the last header line with its CRLF
             self.front.admit(request)
             if request.method == "CONNECT" and self.front.connect is not None:
                 self._connect(request)
                 return
             request._frame_body()  # before a hand-over too: every refusal is ours, in JSON
-            if request.headers.get("Upgrade", "").lower() == "websocket":
+            upgrade = request.headers.get("Upgrade")
+            if upgrade is not None and upgrade.lower() == "websocket":
                 self._hand_over(request, buffer)
                 return
         except Refusal as error:
@@ -637,7 +638,7 @@ class Connection(asyncio.Protocol):
         self.task = self.loop.create_task(self.front.handler(request))
 
     def _parse_head(self, head: bytes) -> Request:
-        request_line, _, fields = head.partition(b"\r\n")
+        request_line, _, block = head.partition(b"\r\n")  # each header line ends in CRLF, the last one too
         if len(request_line) > MAX_LINE:
             raise too_large(URI_TOO_LONG)
         line = _REQUEST_LINE.fullmatch(request_line)
@@ -653,7 +654,6 @@ class Connection(asyncio.Protocol):
             raise Refusal(
                 "the request target must be UTF-8 (percent-encode other bytes)", reason="bad_request_target"
             ) from None
-        block = fields + b"\r\n" if fields else b""
         if block.count(b"\r\n") > MAX_HEADERS:
             raise too_large(HEADERS_TOO_LARGE)
         if len(block) > MAX_LINE and any(len(field) > MAX_LINE for field in block.split(b"\r\n")):

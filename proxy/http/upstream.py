@@ -158,7 +158,7 @@ class _Connection(asyncio.Protocol):
                 elif buffer is not head:
                     self.head = bytearray(buffer)  # the rest of the head comes with the next read
                 return
-            block, buffer = bytes(buffer[:end]), buffer[end + 4 :]
+            block, buffer = bytes(buffer[: end + 2]), buffer[end + 4 :]  # the last header line with its CRLF
             try:
                 interim = response.parse_head(block)
             except BadResponse as error:
@@ -280,7 +280,7 @@ class UpstreamResponse:
     # ------------------------------------------------------------ parsing (called by the connection)
 
     def parse_head(self, head: bytes) -> bool:
-        """Parse the status line and headers; True for a 1xx interim answer (skipped)."""
+        """Parse the status line and headers (``head`` ends with CRLF); True for a 1xx interim answer (skipped)."""
         status_line, _, block = head.partition(b"\r\n")
         line = _STATUS_LINE.fullmatch(status_line.decode("utf-8", "surrogateescape"))  # a UTF-8 reason stays
         if line is None:
@@ -291,16 +291,14 @@ class UpstreamResponse:
             self.interim += 1
             if self.interim > MAX_INTERIM:
                 raise BadResponse(f"more than {MAX_INTERIM} interim (1xx) answers to one request")
-            fields = block + b"\r\n" if block else b""
-            if parse_fields(fields, "surrogateescape") is None:  # skipped, but it must be well-formed
-                raise BadResponse("interim answer: " + malformed_line(fields))
+            if parse_fields(block, "surrogateescape") is None:  # skipped, but it must be well-formed
+                raise BadResponse("interim answer: " + malformed_line(block))
             if status == 100 and self.continue_waiter is not None and not self.continue_waiter.done():
                 self.continue_waiter.set_result(None)
             return True
         if not 200 <= status <= 599:
             # 101 included: this client never asks to switch protocols (WebSockets go elsewhere).
             raise BadResponse(f"unexpected status {status}")
-        block = block + b"\r\n" if block else b""
         try:
             fields = parse_fields(block)
         except UnicodeDecodeError:
