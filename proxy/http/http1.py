@@ -216,26 +216,27 @@ def response_framing(method: str, status: int, headers: Any, http11: bool) -> Fr
     connection reusable.
     """
     lengths = headers.getall("Content-Length", ())
-    # Both framings at once is likely an attempt at smuggling: whatever is read, the connection then closes.
-    both = bool(lengths) and "Transfer-Encoding" in headers
+    sent_codings = headers.getall("Transfer-Encoding", ())
     connection = headers.getall("Connection", ())
-    reusable = http11 and not both and not (connection and "close" in connection_tokens(connection))
-    # Validated even where they do not apply: a HEAD answer's length is relayed, and a malformed
-    # framing header is a sign the next hop may read this answer differently.
-    codings = transfer_codings(headers.getall("Transfer-Encoding")) if "Transfer-Encoding" in headers else []
+    # Both framings at once is likely an attempt at smuggling: whatever is read, the connection then closes.
+    closes = bool(connection) and "close" in connection_tokens(connection)
+    reusable = http11 and not (lengths and sent_codings) and not closes
+    bodyless = method == "HEAD" or status < 200 or status in (204, 304)
+    if not sent_codings:
+        length = content_length(lengths)  # validated for a bodyless answer too: a HEAD answer's length is relayed
+        if bodyless:
+            return Framing("none", reusable=reusable)
+        return Framing("close", reusable=False) if length is None else Framing("length", length, reusable)
+    # Validated even where they do not apply: a malformed framing header is a sign the next hop may
+    # read this answer differently.
+    codings = transfer_codings(sent_codings)
     if "chunked" in codings[:-1]:
         raise FramingError("chunked is not the final transfer coding, or is applied twice")
-    if not codings:
-        length = content_length(lengths)
-    if method == "HEAD" or status < 200 or status in (204, 304):
+    if bodyless:
         return Framing("none", reusable=reusable)
-    if codings and codings[-1] == "chunked":
+    if codings[-1] == "chunked":
         return Framing("chunked", reusable=reusable, codings=tuple(codings[:-1]))
-    if codings:
-        return Framing("close", reusable=False, codings=tuple(codings))
-    if length is None:
-        return Framing("close", reusable=False)
-    return Framing("length", length, reusable)
+    return Framing("close", reusable=False, codings=tuple(codings))
 
 
 # ---------------------------------------------------------------- readers, one per framing mode
