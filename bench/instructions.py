@@ -11,7 +11,12 @@ One proxy (``workers: 1``) runs under callgrind in front of nginx; a keep-alive 
 ``--requests`` GETs on ``--connections`` connections are counted and dumped. The figure is the
 proxy process's instructions over those requests, the event loop and every library included; the
 kernel's work (the socket system calls) is not in it, so it complements ``run.py``'s CPU per request
-rather than replacing it. ``--keep DIR`` keeps the callgrind dumps. Where the instructions go
+rather than replacing it. ``--forward`` sends the same GETs through ``CONNECT`` and the proxy's TLS
+termination (forward mode, keep-alive inside the tunnel; the tunnels and handshakes are made before
+the counters are zeroed), to a forward rule whose ``connect_to`` dials the same nginx: the difference
+to the plain count is what terminating the client's TLS costs, a figure the ``forward`` shape of
+``run.py`` cannot give steadily (its one Python client pays TLS too, and its ratio moves by 0.1 between
+runs). ``--keep DIR`` keeps the callgrind dumps. Where the instructions go
 within the interpreter is not told apart (callgrind sees one recursive cycle of Python calls):
 ``bench/flame.py`` shows that by Python function.
 """
@@ -22,6 +27,7 @@ import argparse
 import asyncio
 import re
 import shutil
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -32,40 +38,75 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import ROOT, Checkout, first_ok, free_port, progress, proxy_config, require_tools, start_upstream
 
+FORWARD_HOST = "abc123.execute-api.us-east-1.amazonaws.com"  # a host the forward rule below signs for
 
-async def _client(port: int, path: str, count: int) -> int:
-    """``count`` keep-alive GETs one after another; the number answered 200."""
+
+def forward_config(ca_dir: Path, upstream_url: str) -> str:
+    """A forward rule for FORWARD_HOST's kind of name, dialling the bench's nginx (``connect_to``)."""
+    return (
+        f"forward:\n  ca: {ca_dir}\n  hosts:\n"
+        f"    - {{host: '*.execute-api.*.amazonaws.com', credentials: bench, connect_to: '{upstream_url}'}}\n"
+    )
+
+
+async def _tunnel(port: int, context: ssl.SSLContext) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection through ``CONNECT FORWARD_HOST:443``, TLS with the proxy's local CA on top."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+    writer.write(f"CONNECT {FORWARD_HOST}:443 HTTP/1.1\r\nHost: {FORWARD_HOST}:443\r\n\r\n".encode())
+    answer = await reader.readuntil(b"\r\n\r\n")
+    if not answer.startswith(b"HTTP/1.1 200"):
+        raise RuntimeError(f"CONNECT refused: {answer[:100]!r}")
+    await writer.start_tls(context, server_hostname=FORWARD_HOST)
+    return reader, writer
+
+
+async def _gets(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes, count: int) -> int:
+    """``count`` keep-alive GETs one after another on one connection; the number answered 200."""
     ok = 0
-    try:
-        for _ in range(count):
-            writer.write(request)
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
-            await reader.readexactly(int(length.group(1)) if length else 0)
-            ok += head.startswith(b"HTTP/1.1 200")
-    finally:
-        writer.close()
+    for _ in range(count):
+        writer.write(request)
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+        await reader.readexactly(int(length.group(1)) if length else 0)
+        ok += head.startswith(b"HTTP/1.1 200")
     return ok
 
 
-def drive(port: int, path: str, requests: int, connections: int) -> None:
-    per_connection = requests // connections
+def drive(port: int, path: str, args: argparse.Namespace, pid: int, context: ssl.SSLContext | None) -> int:
+    """Warm-up GETs, callgrind's counters zeroed, the counted GETs, the counters dumped: on the same
+    keep-alive connections (tunnels when ``context`` is given), opened before. Returns the GETs counted."""
 
-    async def all_clients() -> list[int]:
-        return await asyncio.gather(*(_client(port, path, per_connection) for _ in range(connections)))
+    async def run() -> int:
+        connections = [
+            await (_tunnel(port, context) if context else asyncio.open_connection("127.0.0.1", port))
+            for _ in range(args.connections)
+        ]
+        host = FORWARD_HOST if context else f"127.0.0.1:{port}"
+        request = f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+        try:
+            for phase, total in (("warm-up", args.warmup), ("counted", args.requests)):
+                if phase == "counted":
+                    subprocess.run(["callgrind_control", "--zero", str(pid)], check=True, capture_output=True)
+                each = total // len(connections)
+                answered = sum(await asyncio.gather(*(_gets(r, w, request, each) for r, w in connections)))
+                if answered != each * len(connections):
+                    raise RuntimeError(f"{phase}: {answered} of {each * len(connections)} requests answered 200")
+            subprocess.run(["callgrind_control", "--dump", str(pid)], check=True, capture_output=True)
+            return each * len(connections)
+        finally:
+            for _, writer in connections:
+                writer.close()
 
-    answered = sum(asyncio.run(all_clients()))
-    if answered != per_connection * connections:
-        raise RuntimeError(f"{answered} of {per_connection * connections} requests answered 200")
+    return asyncio.run(run())
 
 
 def count(checkout: Checkout, upstream_url: str, cert: Path, workdir: Path, args: argparse.Namespace) -> float:
     """Instructions per request of ``checkout``'s proxy."""
     port = free_port()
     config = workdir / f"{checkout.label}.yaml"
-    config.write_text(proxy_config(port, upstream_url, "warning", 1, route=args.route_options))
+    ca_dir = workdir / f"{checkout.label}-ca"
+    extra = forward_config(ca_dir, upstream_url) if args.forward else ""
+    config.write_text(proxy_config(port, upstream_url, "warning", 1, extra, route=args.route_options))
     dump = workdir / f"{checkout.label}.callgrind"
     command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={dump}", "--dump-instr=no"]
     command += [sys.executable, "-m", "proxy", "run", "--config", str(config)]
@@ -80,10 +121,8 @@ def count(checkout: Checkout, upstream_url: str, cert: Path, workdir: Path, args
     )
     try:
         asyncio.run(first_ok(port, "/get", time.monotonic() + 180))
-        drive(port, "/get", args.warmup, args.connections)
-        subprocess.run(["callgrind_control", "--zero", str(process.pid)], check=True, capture_output=True)
-        drive(port, "/get", args.requests, args.connections)
-        subprocess.run(["callgrind_control", "--dump", str(process.pid)], check=True, capture_output=True)
+        context = ssl.create_default_context(cafile=str(ca_dir / "ca.pem")) if args.forward else None
+        requests = drive(port, "/get", args, process.pid, context)
     finally:
         process.terminate()
         process.wait(60)
@@ -92,7 +131,7 @@ def count(checkout: Checkout, upstream_url: str, cert: Path, workdir: Path, args
     totals = re.search(r"^(?:summary|totals): (\d+)", counted.read_text(), re.MULTILINE)
     if totals is None:
         raise RuntimeError(f"no totals in {counted}")
-    return int(totals.group(1)) / args.requests
+    return int(totals.group(1)) / requests
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=400, help="GETs before counting (default 400)")
     parser.add_argument("--connections", type=int, default=8, help="keep-alive connections (default 8)")
     parser.add_argument("--tls", action="store_true", help="the upstream is nginx over TLS (default: plain HTTP)")
+    parser.add_argument(
+        "--forward", action="store_true", help="the GETs go through CONNECT and the proxy's TLS (forward mode)"
+    )
     parser.add_argument("--baseline", type=Path, help="another checkout to count the same way")
     parser.add_argument(
         "--route-options", default="", help="YAML added to the route's flow mapping, e.g. ', auth: none'"
@@ -121,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             figures = {}
             for checkout in checkouts:
-                progress(f"{checkout.label} ({checkout.version()}): {args.requests} GETs under callgrind")
+                mode = " through CONNECT (forward mode)" if args.forward else ""
+                progress(f"{checkout.label} ({checkout.version()}): {args.requests} GETs{mode} under callgrind")
                 url = upstream.tls_url if args.tls else upstream.url
                 figures[checkout.label] = count(checkout, url, upstream.cert, workdir, args)
         finally:
