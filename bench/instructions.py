@@ -6,9 +6,10 @@
 
 Rates measured on a shared 2-core machine move by 10-25 % between runs of identical code; user-space
 instructions counted by ``valgrind --tool=callgrind`` repeat to well under 1 % whatever else runs.
-One proxy (``workers: 1``) runs under callgrind in front of nginx; a keep-alive client sends
-``--warmup`` small GETs (caches, credentials, the signing key), callgrind's counters are zeroed, then
-``--requests`` GETs on ``--connections`` connections are counted and dumped. The figure is the
+One proxy (``workers: 1``) runs under callgrind in front of nginx; a client opens ``--connections``
+keep-alive connections and sends ``--warmup`` small GETs on them (caches, credentials, the signing
+key), callgrind's counters are zeroed, then ``--requests`` GETs on the same connections are counted
+and dumped. The figure is the
 proxy process's instructions over those requests, the event loop and every library included; the
 kernel's work (the socket system calls) is not in it, so it complements ``run.py``'s CPU per request
 rather than replacing it. ``--forward`` sends the same GETs through ``CONNECT`` and the proxy's TLS
