@@ -78,13 +78,13 @@ def drive(port: int, path: str, args: argparse.Namespace, pid: int, context: ssl
     keep-alive connections (tunnels when ``context`` is given), opened before. Returns the GETs counted."""
 
     async def run() -> int:
-        connections = [
-            await (_tunnel(port, context) if context else asyncio.open_connection("127.0.0.1", port))
-            for _ in range(args.connections)
-        ]
+        connections: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
         host = FORWARD_HOST if context else f"127.0.0.1:{port}"
         request = f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
         try:
+            for _ in range(args.connections):
+                opening = _tunnel(port, context) if context else asyncio.open_connection("127.0.0.1", port)
+                connections.append(await opening)
             for phase, total in (("warm-up", args.warmup), ("counted", args.requests)):
                 if phase == "counted":
                     subprocess.run(["callgrind_control", "--zero", str(pid)], check=True, capture_output=True)
@@ -152,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         "--keep", type=Path, help="write the callgrind dumps here (kept) instead of a temporary directory"
     )
     args = parser.parse_args(argv)
+    if min(args.requests, args.warmup) < args.connections:
+        parser.error("--requests and --warmup must be at least --connections (each connection sends its share)")
     require_tools()
     if not shutil.which("valgrind"):
         sys.exit("bench/instructions.py needs valgrind: apt-get install -y valgrind")

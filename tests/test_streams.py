@@ -234,8 +234,8 @@ async def test_first_byte_timeout_of_a_shorter_route_on_a_pooled_connection(sigv
     slow = {"path_prefix": "/slow", "upstream": sigv4_upstream.url + "/slow", "first_byte_timeout": "200ms"}
     config["routes"].append(config["routes"][0] | slow)
     proxy = await start_proxy(config)
-    try:
-        async with aiohttp.ClientSession() as client:
+    try:  # if the timer were not armed again for the shorter route, this would wait its minute
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as client:
             async with client.get(proxy.url + "/fast") as response:
                 assert response.status == 200
             started = time.monotonic()

@@ -213,6 +213,8 @@ class _Connection(asyncio.Protocol):
         the same connection) it is armed again for that deadline. Each request costs a clock
         read; a timer is made about once per ``seconds`` on a busy connection.
         """
+        if self.closed:
+            return  # its response has failed already; a timer would only keep it alive
         self.head_deadline = self.loop.time() + seconds
         self.head_timeout = seconds
         if self._head_timer is None or self.head_deadline < self._head_timer_at:  # a route with a shorter timeout
@@ -229,9 +231,11 @@ class _Connection(asyncio.Protocol):
         response = self.response
         if response is None or response.headers_done or self.closed:
             return
-        if self.loop.time() >= self.head_deadline:
+        # Armed for this very deadline: due, even when the loop's millisecond timers fire a fraction
+        # before it (comparing with loop.time() would arm it again and again until the clock ticks).
+        if self._head_timer_at >= self.head_deadline:
             response.time_out(self.head_timeout)
-        else:
+        else:  # armed for an earlier request's deadline: wait for this one's
             self._arm_head_timer()
 
     def _abort(self) -> None:
@@ -664,7 +668,8 @@ class Pool:
                 response._keep_alive = False  # answered before the body: it is never sent (nor read from the client)
             else:
                 await self._send_body(response, stream, chunked, first_byte_timeout)
-            connection.expect_head(first_byte_timeout)
+            if not response._head_waiter.done():  # a connection closed meanwhile failed it already
+                connection.expect_head(first_byte_timeout)
             await response._head_waiter
         except BaseException:
             response.close()

@@ -143,6 +143,45 @@ async def test_slow_upstream_is_504_after_the_route_timeout(scripted, start_prox
     assert "raise the route's timeout" in body["message"]
 
 
+def test_a_late_head_arms_one_timer_not_a_spin(monkeypatch) -> None:
+    """On uvloop (what ``signing-proxy run`` uses) a due first-byte timer times out at once.
+
+    uvloop fires timers on whole milliseconds, a fraction before a deadline like ``now + 0.053``;
+    comparing with the clock then armed the timer again and again, up to 355 times for one late
+    head, until the millisecond ticked over. Sync: it runs its own uvloop loop.
+    """
+    uvloop = pytest.importorskip("uvloop")
+    from proxy.http.upstream import FirstByteTimeout, Pool, _Connection
+
+    armed: list[_Connection] = []
+    arm = _Connection._arm_head_timer
+    monkeypatch.setattr(_Connection, "_arm_head_timer", lambda self: (armed.append(self), arm(self))[1])
+
+    async def late_heads() -> list[int]:
+        silent = await asyncio.start_server(lambda reader, writer: None, "127.0.0.1", 0)
+        pool = Pool()
+        arms = []
+        try:
+            for attempt in range(10):
+                armed.clear()
+                with pytest.raises(FirstByteTimeout):
+                    await pool.request(
+                        "GET", ("http", "127.0.0.1", silent.sockets[0].getsockname()[1]), "/", [("Host", "x")], [],
+                        connect_timeout=1.0, first_byte_timeout=0.05 + attempt / 1000 + 0.0003,
+                    )  # fmt: skip
+                arms.append(len(armed))
+        finally:
+            pool.close()
+            silent.close()
+        return arms
+
+    loop = uvloop.new_event_loop()
+    try:
+        assert loop.run_until_complete(late_heads()) == [1] * 10
+    finally:
+        loop.close()
+
+
 async def test_upstream_stalling_mid_body_is_cut_after_the_idle_timeout(scripted, start_proxy) -> None:
     release = asyncio.Event()
 

@@ -90,7 +90,7 @@ class Sent:
 
 @st.composite
 def framed_bodies(draw: st.DrawFn) -> tuple[bytes, int | None]:
-    """A body and its framing. The last choice always cuts a body in several chunks: drawn
+    """A body and its framing. The last choice cuts every body of 2 bytes or more in several chunks: drawn
     independently, chunk sizes were mostly larger than the (mostly small) bodies hypothesis
     draws, and one run in twenty had fewer than two bodies sent in more than one chunk."""
     body = draw(st.one_of(st.just(b""), st.binary(min_size=1, max_size=64), st.binary(min_size=65, max_size=4096)))
