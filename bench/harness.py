@@ -373,6 +373,18 @@ def proxy_config(
     return text + (f"workers: {workers}\n" if workers else "") + extra
 
 
+FORWARD_HOST = "abc123.execute-api.us-east-1.amazonaws.com"  # a host the forward rule below signs for
+
+
+def forward_config(ca_dir: Path, upstream_url: str) -> str:
+    """Config (``extra`` of ``proxy_config``) with a forward rule for FORWARD_HOST's kind of name whose
+    ``connect_to`` dials ``upstream_url``, the local CA in ``ca_dir``."""
+    return (
+        f"forward:\n  ca: {ca_dir}\n  hosts:\n"
+        f"    - {{host: '*.execute-api.*.amazonaws.com', credentials: bench, connect_to: '{upstream_url}'}}\n"
+    )
+
+
 @dataclass
 class Proxy:
     process: subprocess.Popen

@@ -37,28 +37,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import ROOT, Checkout, first_ok, free_port, progress, proxy_config, require_tools, start_upstream
-
-FORWARD_HOST = "abc123.execute-api.us-east-1.amazonaws.com"  # a host the forward rule below signs for
-
-
-def forward_config(ca_dir: Path, upstream_url: str) -> str:
-    """A forward rule for FORWARD_HOST's kind of name, dialling the bench's nginx (``connect_to``)."""
-    return (
-        f"forward:\n  ca: {ca_dir}\n  hosts:\n"
-        f"    - {{host: '*.execute-api.*.amazonaws.com', credentials: bench, connect_to: '{upstream_url}'}}\n"
-    )
-
-
-async def _tunnel(port: int, context: ssl.SSLContext) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """A connection through ``CONNECT FORWARD_HOST:443``, TLS with the proxy's local CA on top."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(f"CONNECT {FORWARD_HOST}:443 HTTP/1.1\r\nHost: {FORWARD_HOST}:443\r\n\r\n".encode())
-    answer = await reader.readuntil(b"\r\n\r\n")
-    if not answer.startswith(b"HTTP/1.1 200"):
-        raise RuntimeError(f"CONNECT refused: {answer[:100]!r}")
-    await writer.start_tls(context, server_hostname=FORWARD_HOST)
-    return reader, writer
+from harness import (
+    FORWARD_HOST,
+    ROOT,
+    Checkout,
+    first_ok,
+    forward_config,
+    free_port,
+    progress,
+    proxy_config,
+    require_tools,
+    start_upstream,
+)
+from load import read_answer, tunnel_through
 
 
 async def _gets(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes, count: int) -> int:
@@ -66,10 +57,7 @@ async def _gets(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, requ
     ok = 0
     for _ in range(count):
         writer.write(request)
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
-        await reader.readexactly(int(length.group(1)) if length else 0)
-        ok += head.startswith(b"HTTP/1.1 200")
+        ok += (await read_answer(reader)).startswith(b"HTTP/1.1 200")
     return ok
 
 
@@ -83,8 +71,9 @@ def drive(port: int, path: str, args: argparse.Namespace, pid: int, context: ssl
         request = f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
         try:
             for _ in range(args.connections):
-                opening = _tunnel(port, context) if context else asyncio.open_connection("127.0.0.1", port)
-                connections.append(await opening)
+                connections.append(await asyncio.open_connection("127.0.0.1", port))
+                if context is not None:
+                    await tunnel_through(*connections[-1], FORWARD_HOST, context)
             for phase, total in (("warm-up", args.warmup), ("counted", args.requests)):
                 if phase == "counted":
                     subprocess.run(["callgrind_control", "--zero", str(pid)], check=True, capture_output=True)

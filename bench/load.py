@@ -162,6 +162,27 @@ class KeepAliveResult:
     latencies_ms: list[float] = field(default_factory=list)
 
 
+async def tunnel_through(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str, context: ssl.SSLContext
+) -> None:
+    """Turn a connection to the proxy into a tunnel: ``CONNECT host:443``, then TLS with ``context``."""
+    writer.write(f"CONNECT {host}:443 HTTP/1.1\r\nHost: {host}:443\r\n\r\n".encode())
+    head = await reader.readuntil(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 200"):
+        raise RuntimeError(f"CONNECT refused: {head[:200]!r}")
+    await writer.start_tls(context, server_hostname=host)
+
+
+async def read_answer(reader: asyncio.StreamReader) -> bytes:
+    """The head of an answer framed by Content-Length, its body read and dropped."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+    if length is None:
+        raise RuntimeError(f"no Content-Length: {head[:200]!r}")
+    await reader.readexactly(int(length.group(1)))
+    return head
+
+
 async def _keepalive_connection(
     port: int, path: str, tunnel: tuple[str, ssl.SSLContext] | None, until: float, result: KeepAliveResult
 ) -> None:
@@ -171,20 +192,12 @@ async def _keepalive_connection(
     try:
         if tunnel is not None:
             host, context = tunnel
-            writer.write(f"CONNECT {host}:443 HTTP/1.1\r\nHost: {host}:443\r\n\r\n".encode())
-            head = await reader.readuntil(b"\r\n\r\n")
-            if not head.startswith(b"HTTP/1.1 200"):
-                raise RuntimeError(f"CONNECT refused: {head[:200]!r}")
-            await writer.start_tls(context, server_hostname=host)
+            await tunnel_through(reader, writer, host, context)
         request = f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
         while time.perf_counter() < until:
             started = time.perf_counter()
             writer.write(request)
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
-            if length is None:
-                raise RuntimeError(f"no Content-Length: {head[:200]!r}")
-            await reader.readexactly(int(length.group(1)))
+            head = await read_answer(reader)
             if head.startswith(b"HTTP/1.1 200"):
                 result.requests += 1
                 result.latencies_ms.append((time.perf_counter() - started) * 1000)

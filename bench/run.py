@@ -43,6 +43,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import (
+    FORWARD_HOST,
     GO_PROXY_HOWTO,
     ROOT,
     Checkout,
@@ -50,6 +51,7 @@ from harness import (
     Upstream,
     Usage,
     find_go_proxy,
+    forward_config,
     go_proxy_version,
     memory_kib,
     nginx_version,
@@ -480,9 +482,6 @@ def shape_idle(bench: Bench) -> Shape:
     return shape
 
 
-FORWARD_HOST = "abc123.execute-api.us-east-1.amazonaws.com"
-
-
 def shape_forward(bench: Bench) -> Shape:
     """Forward mode: small GETs through ``CONNECT`` with the proxy's TLS termination, keep-alive inside
     the tunnel, beside reverse mode (plain HTTP to the proxy) and direct, all from the same client.
@@ -494,10 +493,7 @@ def shape_forward(bench: Bench) -> Shape:
     """
     args, upstream = bench.args, bench.upstream
     ca_dir = bench.workdir / "forward-ca"
-    extra = (
-        f"forward:\n  ca: {ca_dir}\n  hosts:\n"
-        f"    - {{host: '*.execute-api.*.amazonaws.com', credentials: bench, connect_to: '{upstream.url}'}}\n"
-    )
+    extra = forward_config(ca_dir, upstream.url)
     proxy = start_proxy(
         bench.workdir, bench.checkouts[0], upstream, upstream.url, workers=args.workers, extra_config=extra
     )
