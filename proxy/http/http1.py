@@ -20,13 +20,13 @@ TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"  # a method or header name (RFC 9110 5.
 # tabs and obs-text (no other control character, no obs-fold). Checked for a whole block at once.
 # Neither pattern can backtrack (the classes on either side of each repetition are disjoint, or the
 # repetition is possessive): parsing costs time linear in the head's size, whatever its content.
-_FIELD_LINES = re.compile(rb"(?:" + TOKEN + rb":[\t\x20-\x7e\x80-\xff]*+\r\n)*+")
-FORBIDDEN_IN_LINE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # controls but HTAB (RFC 9110 5.5)
+CONTROLS = rb"\x00-\x08\x0a-\x1f\x7f"  # a class's ranges: controls but HTAB, in no field value (RFC 9110 5.5)
+_FIELD_LINES = re.compile(rb"(?:" + TOKEN + rb":[^" + CONTROLS + rb"]*+\r\n)*+")
 _NAME = re.compile(TOKEN)
 # One header line of a decoded block, matched only where a line starts: its name, then its value
 # (the characters _FIELD_LINES allows, decoded) without the whitespace before it. Whitespace after
 # a value is rare and taken off afterwards: a pattern that leaves it out costs a step per word.
-_FIELD = re.compile(r"(?m)^(" + TOKEN.decode() + r"):[ \t]*+([^\x00-\x08\x0a-\x1f\x7f]*+)\r\n")
+_FIELD = re.compile(r"(?m)^(" + TOKEN.decode() + r"):[ \t]*+([^" + CONTROLS.decode() + r"]*+)\r\n")
 _TOKEN = re.compile(TOKEN.decode())
 MAX_LENGTH_DIGITS = 18  # a Content-Length of 19 digits or more is no real body (and would overflow C readers)
 

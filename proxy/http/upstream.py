@@ -33,7 +33,7 @@ from collections.abc import AsyncIterable, Iterable
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from .egress import Egress, EgressError, ProxyEnvironment
-from .http1 import ChunkDecoder, FramingError, malformed_line, parse_fields, response_framing
+from .http1 import CONTROLS, ChunkDecoder, FramingError, malformed_line, parse_fields, response_framing
 from .tls import tls_context, tls_failure
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
@@ -45,7 +45,7 @@ EXPECT_WAIT = 1.0  # seconds to wait for 100 Continue before sending a streamed 
 MAX_INTERIM = 8  # 1xx answers skipped before one request's answer; more is a 502
 PIECE_COST = 64  # what holding one body piece costs beyond its bytes, counted towards HIGH_WATER
 # A reason phrase has no CR, LF or other control (RFC 9112 4); a missing one is tolerated, as llhttp does.
-_STATUS_LINE = re.compile(r"HTTP/1\.([01]) ([0-9]{3})(?: ([^\x00-\x08\x0a-\x1f\x7f]*+))?")
+_STATUS_LINE = re.compile(r"HTTP/1\.([01]) ([0-9]{3})(?: ([^" + CONTROLS.decode() + r"]*+))?")
 
 
 NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())  # read-only: shared by every response
