@@ -155,7 +155,12 @@ def test_a_late_head_arms_one_timer_not_a_spin(monkeypatch) -> None:
 
     armed: list[_Connection] = []
     arm = _Connection._arm_head_timer
-    monkeypatch.setattr(_Connection, "_arm_head_timer", lambda self: (armed.append(self), arm(self))[1])
+
+    def counted(connection: _Connection) -> None:
+        armed.append(connection)
+        arm(connection)
+
+    monkeypatch.setattr(_Connection, "_arm_head_timer", counted)
 
     async def late_heads() -> list[int]:
         silent = await asyncio.start_server(lambda reader, writer: None, "127.0.0.1", 0)
